@@ -1,0 +1,1 @@
+"""The non-parametric memory: passage store, corpus encoding, FAISS / torch indexes, retrieval, sharding."""

@@ -1,0 +1,1 @@
+"""The model: retriever encoders, generator, marginalization, RagModel. Pure torch + transformers."""

@@ -1,0 +1,44 @@
+"""Installs the four packages of the project and its console scripts.
+
+Install for development with ``make install`` (editable, pinned versions), or
+``pip install -c requirements/constraints.txt -e .[dev]`` after installing
+``torch==2.13.0`` (CPU) or the CUDA build you need.
+"""
+from setuptools import setup
+
+setup(
+    name="rag-e2e",
+    version="0.1.0",
+    description="End-to-end trainable retrieval-augmented generation (RAG-Sequence, RAG-Token).",
+    python_requires=">=3.10",
+    packages=["rag_models", "index", "training", "decoding"],
+    install_requires=[
+        "torch>=2.2",
+        "transformers>=5.0",
+        "tokenizers>=0.20",
+        "faiss-cpu>=1.8",
+        "datasets>=3.0",
+        "lightning>=2.0",
+        "hydra-core>=1.3",
+        "tensorboard>=2.14",
+        "numpy>=1.26",
+        "tqdm>=4.66",
+        "psutil>=5.9",
+    ],
+    extras_require={
+        "dev": ["pytest>=8"],
+        # faiss-gpu replaces faiss-cpu on CUDA machines; the exact torch index needs neither.
+        "gpu": ["faiss-gpu>=1.8"],
+    },
+    entry_points={
+        "console_scripts": [
+            "rag-make-world=training.demo_world_cli:main",
+            "rag-build-index=index.build_cli:main",
+            "rag-train=training.train_cli:main",
+            "rag-eval=training.eval_cli:main",
+            "rag-score=training.score_cli:main",
+            "rag-ask=decoding.ask_cli:main",
+            "rag-demo=training.demo_cli:main",
+        ]
+    },
+)

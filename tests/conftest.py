@@ -1,0 +1,26 @@
+"""Shared test set-up: offline Hugging Face, small thread counts, paths to shared data."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+# Before transformers / datasets are imported anywhere: no hub look-ups, ever.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+REPO_ROOT = Path(__file__).resolve().parents[1]
+os.environ.setdefault("HF_HOME", str(REPO_ROOT / ".hf_home"))
+
+import pytest  # noqa: E402
+
+# Real data lives beside a development checkout, never inside the project.
+SHARED_DIR = REPO_ROOT.parent / "shared"
+NQ_DEV = SHARED_DIR / "data" / "nq_open" / "NQ-open.dev.jsonl"
+
+
+def require_nq_dev() -> Path:
+    """Path of the real NQ-Open dev file, or skip the test saying why."""
+    if not NQ_DEV.is_file():
+        pytest.skip(f"real NQ-Open dev file not found at ../shared/data/nq_open/ (absent in a user's clone)")
+    return NQ_DEV

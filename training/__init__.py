@@ -1,0 +1,1 @@
+"""Training and evaluation: data, Lightning modules, DPR pre-training, metrics, command lines."""
