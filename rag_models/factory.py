@@ -1,0 +1,194 @@
+"""Build tiny random-init models offline, and load real checkpoints by name or path.
+
+Both go through the same road: tiny models are *saved* as ordinary checkpoints
+(`save_pretrained`) and then loaded back with the very loaders that load
+`facebook/bart-large` or `facebook/dpr-question_encoder-single-nq-base`. So the
+demo and the tests exercise the real loading path, only with small weights.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from transformers import (
+    AutoConfig,
+    AutoModel,
+    AutoModelForSeq2SeqLM,
+    AutoTokenizer,
+    BartConfig,
+    BartForConditionalGeneration,
+    DPRConfig,
+    DPRContextEncoder,
+    DPRQuestionEncoder,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
+
+from rag_models.errors import InputError
+from rag_models.tokenization import dpr_tokenizers, train_bart_tokenizer, train_wordpiece_vocab
+
+# Which DPR class serves which side; a non-DPR encoder loads with AutoModel.
+_DPR_CLASSES: dict[str, type[PreTrainedModel]] = {
+    "question": DPRQuestionEncoder,
+    "context": DPRContextEncoder,
+}
+
+
+@dataclass(frozen=True)
+class TinyDprSize:
+    """Sizes of the tiny BERT inside each DPR encoder (defaults: the demo's)."""
+
+    hidden_size: int = 64
+    num_layers: int = 2
+    num_heads: int = 2
+    intermediate_size: int = 128
+    max_positions: int = 256
+    vocab_size: int = 1000
+
+
+@dataclass(frozen=True)
+class TinyBartSize:
+    """Sizes of the tiny BART generator (defaults: the demo's).
+
+    init_std 0.06 rather than BART's 0.02: measured on the demo world, a tiny BART
+    with 0.02 collapses to one constant answer; with 0.06 it learns to copy.
+    """
+
+    d_model: int = 128
+    layers: int = 2
+    heads: int = 4
+    ffn_dim: int = 256
+    max_positions: int = 256
+    vocab_size: int = 1000
+    init_std: float = 0.06
+
+
+@dataclass(frozen=True)
+class CheckpointPaths:
+    """Where `save_tiny_checkpoints` wrote each model (with its tokenizer)."""
+
+    question_encoder: Path
+    context_encoder: Path
+    generator: Path
+
+
+def tiny_dpr_encoder(role: str, vocab_size: int, size: TinyDprSize, seed: int) -> PreTrainedModel:
+    """A random-init DPR question or context encoder (`role` = "question" | "context")."""
+    config = DPRConfig(
+        vocab_size=vocab_size,
+        hidden_size=size.hidden_size,
+        num_hidden_layers=size.num_layers,
+        num_attention_heads=size.num_heads,
+        intermediate_size=size.intermediate_size,
+        max_position_embeddings=size.max_positions,
+    )
+    torch.manual_seed(seed)
+    return _DPR_CLASSES[role](config).eval()
+
+
+def tiny_bart(tokenizer: PreTrainedTokenizerBase, size: TinyBartSize, seed: int) -> BartForConditionalGeneration:
+    """A random-init BART whose special-token ids follow `tokenizer`."""
+    config = BartConfig(
+        vocab_size=len(tokenizer),
+        d_model=size.d_model,
+        encoder_layers=size.layers,
+        decoder_layers=size.layers,
+        encoder_attention_heads=size.heads,
+        decoder_attention_heads=size.heads,
+        encoder_ffn_dim=size.ffn_dim,
+        decoder_ffn_dim=size.ffn_dim,
+        max_position_embeddings=size.max_positions,
+        init_std=size.init_std,
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        decoder_start_token_id=tokenizer.eos_token_id,  # as facebook/bart-large
+        forced_eos_token_id=tokenizer.eos_token_id,
+    )
+    torch.manual_seed(seed)
+    return BartForConditionalGeneration(config).eval()
+
+
+def _save_atomically(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, out: Path) -> Path:
+    """save_pretrained into a temp dir beside `out`, then rename: never a half checkpoint."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+    return out
+
+
+def save_tiny_checkpoints(
+    out_dir: str | Path,
+    texts: Iterable[str],
+    *,
+    dpr_size: TinyDprSize = TinyDprSize(),
+    bart_size: TinyBartSize = TinyBartSize(),
+    seed: int = 0,
+) -> CheckpointPaths:
+    """Train tokenizers on `texts`, build tiny DPR encoders and BART, save all three.
+
+    Writes `out_dir/question_encoder`, `out_dir/context_encoder`, `out_dir/generator`,
+    each a normal checkpoint directory that the `load_*` functions below read.
+    """
+    texts = list(texts)
+    if not texts:
+        raise InputError("no text to train the tokenizers on", setting="texts", fix="pass the corpus passages and questions")
+    out_dir = Path(out_dir)
+    q_tok, c_tok = dpr_tokenizers(train_wordpiece_vocab(texts, dpr_size.vocab_size))
+    bart_tok = train_bart_tokenizer(texts, bart_size.vocab_size)
+    paths = CheckpointPaths(
+        question_encoder=out_dir / "question_encoder",
+        context_encoder=out_dir / "context_encoder",
+        generator=out_dir / "generator",
+    )
+    _save_atomically(tiny_dpr_encoder("question", len(q_tok), dpr_size, seed), q_tok, paths.question_encoder)
+    _save_atomically(tiny_dpr_encoder("context", len(c_tok), dpr_size, seed + 1), c_tok, paths.context_encoder)
+    _save_atomically(tiny_bart(bart_tok, bart_size, seed + 2), bart_tok, paths.generator)
+    return paths
+
+
+def load_encoder_checkpoint(name_or_path: str | Path, role: str) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """Load a question or context encoder and its tokenizer by hub name or local path.
+
+    A DPR checkpoint loads with its DPR class; any other encoder (BERT, RoBERTa,
+    Contriever, ...) with AutoModel (pooling is then chosen by the retriever wrapper).
+    """
+    if role not in _DPR_CLASSES:
+        raise InputError(f"unknown encoder role {role!r}", setting="role", fix="use 'question' or 'context'")
+    config = _load_config(name_or_path)
+    model_class = _DPR_CLASSES[role] if config.model_type == "dpr" else AutoModel
+    model = model_class.from_pretrained(str(name_or_path))
+    return model.eval(), AutoTokenizer.from_pretrained(str(name_or_path))
+
+
+def load_generator_checkpoint(name_or_path: str | Path) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """Load any transformers seq2seq model (BART by default) and its tokenizer."""
+    _load_config(name_or_path)
+    model = AutoModelForSeq2SeqLM.from_pretrained(str(name_or_path))
+    return model.eval(), AutoTokenizer.from_pretrained(str(name_or_path))
+
+
+def _load_config(name_or_path: str | Path) -> AutoConfig:
+    """The checkpoint's config, or an error that says offline / missing plainly."""
+    try:
+        return AutoConfig.from_pretrained(str(name_or_path))
+    except OSError as err:
+        offline = os.environ.get("HF_HUB_OFFLINE") == "1"
+        hint = (
+            "it is neither a local checkpoint directory nor reachable on the hub "
+            + ("(HF_HUB_OFFLINE=1 is set: unset it on a machine with network access, or pass a local path)" if offline else "")
+        )
+        raise InputError(f"cannot load model {str(name_or_path)!r}: {hint}", setting="model name or path", fix=str(err).splitlines()[0]) from err
