@@ -1,0 +1,144 @@
+"""Building a RagModel from checkpoint names (the Hydra target) and saving / loading a trained one.
+
+A saved RagModel is a directory:
+
+    question_encoder/   DPR (or other) encoder + its tokenizer; pooling in config.json
+    generator/          the seq2seq model + its tokenizer
+    context_encoder/    only when the model has one (end-to-end training, or kept for re-indexing)
+    rag_config.json     marginalization, n_docs, lengths, ... (RagModel.settings())
+
+It is written to a temporary directory beside the target and renamed into place,
+so a run killed mid-save never leaves a directory that looks complete.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from rag_models.errors import InputError
+
+if TYPE_CHECKING:
+    from rag_models.rag import RagModel
+
+CONFIG_NAME = "rag_config.json"
+# Settings that belong to the generator wrapper, not to RagModel itself.
+GENERATOR_SETTINGS = ("max_source_length", "max_target_length", "input_format")
+
+
+@contextmanager
+def atomic_directory(out_dir: str | Path) -> Iterator[Path]:
+    """Yield a temp directory beside ``out_dir``; on success it replaces ``out_dir`` by rename."""
+    out = Path(out_dir)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp.", dir=out.parent))
+    try:
+        yield tmp
+        if out.exists():
+            # Move the old one aside first: os.replace cannot overwrite a non-empty directory.
+            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old.", dir=out.parent))
+            os.replace(out, old / out.name)
+            os.replace(tmp, out)
+            shutil.rmtree(old)
+        else:
+            os.replace(tmp, out)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+
+
+def save_rag_model(model: "RagModel", out_dir: str | Path) -> Path:
+    """Write ``model`` as a RagModel directory (see the module docstring), atomically."""
+    with atomic_directory(out_dir) as tmp:
+        for name, encoder, tokenizer in (
+            ("question_encoder", model.question_encoder, model.question_tokenizer),
+            ("context_encoder", model.context_encoder, model.context_tokenizer),
+        ):
+            if encoder is not None:
+                encoder.model.save_pretrained(tmp / name)
+                if tokenizer is not None:
+                    tokenizer.save_pretrained(tmp / name)
+        model.generator.save_pretrained(str(tmp / "generator"))
+        (tmp / CONFIG_NAME).write_text(json.dumps(model.settings(), indent=2) + "\n")
+    return Path(out_dir)
+
+
+def load_rag_model(model_dir: str | Path, **overrides: Any) -> "RagModel":
+    """Load a directory written by `save_rag_model`; ``overrides`` replace saved settings (e.g. n_docs)."""
+    model_dir = Path(model_dir)
+    config_path = model_dir / CONFIG_NAME
+    if not config_path.is_file():
+        raise InputError(f"no {CONFIG_NAME} here: not a saved RagModel", path=model_dir, fix="pass a directory written by RagModel.save_pretrained")
+    try:
+        settings = json.loads(config_path.read_text())
+    except json.JSONDecodeError as err:
+        raise InputError(f"unreadable JSON ({err.msg})", path=config_path, line=err.lineno, fix="re-save the model") from err
+    settings.update(overrides)
+    context = model_dir / "context_encoder"
+    return build_rag_model(
+        question_encoder=str(model_dir / "question_encoder"),
+        generator=str(model_dir / "generator"),
+        context_encoder=str(context) if context.is_dir() else None,
+        **settings,
+    )
+
+
+def build_rag_model(
+    *,
+    question_encoder: str | None,
+    generator: str | None,
+    context_encoder: str | None = None,
+    pooling: str = "auto",
+    marginalization: str = "sequence",
+    n_docs: int = 5,
+    label_smoothing: float = 0.0,
+    exclude_bos_score: bool = False,
+    train_context_encoder: bool = False,
+    max_question_length: int = 64,
+    max_passage_length: int = 256,
+    max_source_length: int = 300,
+    max_target_length: int = 64,
+    input_format: str = "question_first",
+    loss_reduction: str = "mean",
+) -> "RagModel":
+    """Build a RagModel from checkpoint names or local paths (the Hydra ``_target_`` of configs/model/).
+
+    ``question_encoder`` / ``context_encoder``: e.g. facebook/dpr-question_encoder-single-nq-base;
+    ``generator``: e.g. facebook/bart-large. The context encoder is optional unless
+    ``train_context_encoder`` (it is frozen otherwise).
+    """
+    # Imported here: rag.py imports this module to expose build_rag_model as its Hydra target.
+    from rag_models.generator import Generator
+    from rag_models.factory import load_generator_checkpoint
+    from rag_models.rag import RagModel
+    from rag_models.retriever import load_encoder
+
+    for setting, value in (("retriever.question_encoder", question_encoder), ("model.generator", generator)):
+        if value is None:
+            raise InputError("is null", setting=setting, fix="give a hub name or a local checkpoint directory (the demo fills configs/retriever/tiny.yaml)")
+    q_encoder, q_tokenizer = load_encoder(question_encoder, role="question", pooling=pooling)
+    c_encoder, c_tokenizer = (None, None)
+    if context_encoder is not None:
+        c_encoder, c_tokenizer = load_encoder(context_encoder, role="context", pooling=pooling)
+    seq2seq, g_tokenizer = load_generator_checkpoint(generator)
+    wrapped = Generator(seq2seq, g_tokenizer, max_source_length=max_source_length, max_target_length=max_target_length, input_format=input_format)
+    return RagModel(
+        question_encoder=q_encoder,
+        question_tokenizer=q_tokenizer,
+        generator=wrapped,
+        context_encoder=c_encoder,
+        context_tokenizer=c_tokenizer,
+        marginalization=marginalization,
+        n_docs=n_docs,
+        label_smoothing=label_smoothing,
+        exclude_bos_score=exclude_bos_score,
+        train_context_encoder=train_context_encoder,
+        max_question_length=max_question_length,
+        max_passage_length=max_passage_length,
+        loss_reduction=loss_reduction,
+    )
