@@ -1,0 +1,91 @@
+"""rag-ask: answer questions from the command line with a trained RagModel and an index.
+
+    rag-ask --checkpoint runs/demo/<time>/model --index runs/demo/index "who founded Marrowick?"
+    echo "who founded Marrowick?" | rag-ask --checkpoint DIR --index DIR --strategy fast --n-docs 10
+
+Questions come from the arguments, or else one per line from stdin (each answered as soon
+as it is read, so it also works interactively). Each answer is printed with its score and
+the titles of the passages that best explain it (highest p(z|x,y)).
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Iterable, Iterator
+from typing import Any, TextIO
+
+import torch
+
+from decoding.answer import STRATEGIES, Answer, answer
+from rag_models.errors import InputError
+
+
+def _parser() -> argparse.ArgumentParser:
+    """The command line of rag-ask."""
+    parser = argparse.ArgumentParser(prog="rag-ask", description="Answer questions with a RagModel and a passage index.")
+    parser.add_argument("questions", nargs="*", help="questions to answer (default: one per line from stdin)")
+    parser.add_argument("--checkpoint", required=True, help="a RagModel directory (rag-train's <run_dir>/model)")
+    parser.add_argument("--index", required=True, help="an index directory written by rag-build-index")
+    parser.add_argument("--strategy", choices=sorted(STRATEGIES), default=None,
+                        help="decoder (default: beam for RAG-Token models, thorough for RAG-Sequence)")
+    parser.add_argument("--n-docs", type=int, default=None, help="passages read per answer (default: as trained)")
+    parser.add_argument("--num-beams", type=int, default=4)
+    parser.add_argument("--max-length", type=int, default=40, help="answer tokens, the decoder start token included")
+    parser.add_argument("--num-answers", type=int, default=1, help="n-best answers to print (<= --num-beams)")
+    parser.add_argument("--top-docs", type=int, default=3, help="supporting passages shown per answer")
+    parser.add_argument("--backend", choices=["faiss", "torch"], default="faiss", help="how the index is searched")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    return parser
+
+
+def format_answer(question: str, found: Answer, top_docs: int) -> str:
+    """Question, answer(s) with scores, and the best-supporting passage titles."""
+    lines = [f"Q: {question}"]
+    for rank, candidate in enumerate([found, *found.alternatives]):
+        label = "A:" if rank == 0 else f"{rank + 1}."
+        support = ", ".join(f"{title} ({p:.2f})" for title, p in candidate.supporting(top_docs))
+        lines.append(f"{label} {candidate.text}    [score {candidate.score:.3f}]")
+        lines.append(f"   from: {support}")
+    return "\n".join(lines)
+
+
+def _questions(given: list[str], stdin: TextIO) -> Iterator[str]:
+    """The questions from argv, or else the non-empty lines of stdin as they arrive."""
+    if given:
+        yield from given
+        return
+    for line in stdin:
+        if line.strip():
+            yield line.strip()
+
+
+def ask(questions: Iterable[str], retriever: Any, model: Any, args: argparse.Namespace, out: TextIO) -> int:
+    """Answer and print each question; returns how many were answered."""
+    count = 0
+    for question in questions:
+        found = answer([question], retriever, model, strategy=args.strategy, n_docs=args.n_docs, num_beams=args.num_beams,
+                       max_length=args.max_length, num_return_sequences=args.num_answers, progress=False)[0]
+        print(format_answer(question, found, args.top_docs), file=out, flush=True)
+        count += 1
+    return count
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of rag-ask; exit status 2 on bad input (the message says what to do)."""
+    args = _parser().parse_args(argv)
+    try:
+        # Imported here so that `rag-ask --help` answers without loading torch models or faiss.
+        from index.retrieval import Retriever
+        from rag_models.rag import RagModel
+
+        model = RagModel.from_pretrained(args.checkpoint).to(args.device).eval()
+        retriever = Retriever.from_dir(args.index, backend=args.backend)
+        ask(_questions(args.questions, sys.stdin), retriever, model, args, sys.stdout)
+    except InputError as err:
+        print(f"rag-ask: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,159 @@
+"""Running the generator over encoder states computed once: step by step, or teacher-forced.
+
+Both RAG decoders run the generator's encoder a single time on the B*K
+(question, doc) contexts, then reuse those states: by indexing rows for the
+beams (no re-encoding), through the decoder's KV cache during search, and in the
+teacher-forced pass that scores finished hypotheses under every document.
+
+Dimensions: B questions, K docs, W beams, L source length, T target length,
+V vocabulary, H generator hidden size, M scored (hypothesis, doc) rows.
+"""
+from __future__ import annotations
+
+import torch
+from transformers import PreTrainedModel
+from transformers.modeling_outputs import BaseModelOutput
+
+from rag_models.errors import InputError
+
+# Teacher-forced scoring holds (rows, T, V) logits and each row's cross-attention keys and
+# values; cap one chunk at this many floats (2**27: 512 MB in float32).
+# (Projecting the cross-attention keys once per (question, doc) and indexing them per row was
+# tried: on CPU the copies cost more than the projections they saved, so each row projects.)
+SCORE_CHUNK_ELEMENTS = 2**27
+
+def check_inputs(
+    context_input_ids: torch.Tensor, context_attention_mask: torch.Tensor, doc_scores: torch.Tensor, n_docs: int | None
+) -> tuple[int, int]:
+    """Validate the shapes of the precomputed generator inputs; returns (B, K)."""
+    if doc_scores.dim() != 2:
+        raise InputError(f"doc_scores has shape {tuple(doc_scores.shape)}", setting="doc_scores", fix="pass a (B, K) tensor")
+    batch, k = doc_scores.shape
+    if n_docs is not None and n_docs != k:
+        raise InputError(
+            f"n_docs={n_docs} but doc_scores has {k} columns", setting="n_docs", fix="pass n_docs=None or the K of doc_scores"
+        )
+    if context_input_ids.dim() != 2 or context_input_ids.shape[0] != batch * k:
+        raise InputError(
+            f"context_input_ids has shape {tuple(context_input_ids.shape)}, expected ({batch * k}, L) for B={batch}, K={k}",
+            setting="context_input_ids",
+            fix="pass one row per (question, doc), question-major (row b*K+k)",
+        )
+    if context_attention_mask.shape != context_input_ids.shape:
+        raise InputError(
+            f"context_attention_mask has shape {tuple(context_attention_mask.shape)}, "
+            f"context_input_ids {tuple(context_input_ids.shape)}",
+            setting="context_attention_mask",
+            fix="pass the mask that came with the ids",
+        )
+    return batch, k
+
+
+def encode_contexts(generator: PreTrainedModel, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """The generator's encoder states, computed once. (B*K, L) -> (B*K, L, H)."""
+    encoder = generator.get_encoder()
+    return encoder(input_ids=input_ids, attention_mask=attention_mask, return_dict=True).last_hidden_state
+
+
+class CachedDecoder:
+    """The generator's decoder run one token at a time over fixed encoder rows, with a KV cache.
+
+    encoder_states (R0, L, H) and encoder_mask (R0, L) are the unique rows; `rows` (R,) says
+    which of them each decoding row reads.
+    """
+
+    def __init__(self, generator: PreTrainedModel, encoder_states: torch.Tensor, encoder_mask: torch.Tensor, rows: torch.Tensor) -> None:
+        self.generator = generator
+        self.encoder_outputs = BaseModelOutput(last_hidden_state=encoder_states[rows])  # (R, L, H)
+        self.encoder_mask = encoder_mask[rows]  # (R, L)
+        self.cache = None
+
+    def __call__(self, tokens: torch.Tensor, row_origin: torch.Tensor | None) -> torch.Tensor:
+        """Next-token logits for each row. tokens (R,), row_origin (R,) | None -> (R, V) float."""
+        if row_origin is not None and self.cache is not None:
+            self._reorder(row_origin)
+        out = self.generator(
+            encoder_outputs=self.encoder_outputs,
+            attention_mask=self.encoder_mask,
+            decoder_input_ids=tokens[:, None],  # (R, 1)
+            past_key_values=self.cache,
+            use_cache=True,
+            return_dict=True,
+        )
+        self.cache = out.past_key_values
+        return out.logits[:, -1].float()
+
+    def _reorder(self, row_origin: torch.Tensor) -> None:
+        """Follow the beams in the self-attention cache only.
+
+        A beam only ever continues a beam of the same (question, doc) encoder row, so the
+        cross-attention keys and values of row i and of row_origin[i] are equal: copying
+        them every step (as transformers' RAG does) would be wasted work.
+        """
+        self_cache = getattr(self.cache, "self_attention_cache", self.cache)
+        self_cache.reorder_cache(row_origin)
+
+
+def teacher_forced_logprobs(
+    generator: PreTrainedModel,
+    encoder_states: torch.Tensor,
+    encoder_mask: torch.Tensor,
+    rows: torch.Tensor,
+    tokens: torch.Tensor,
+    chunk_elements: int = SCORE_CHUNK_ELEMENTS,
+) -> torch.Tensor:
+    """log p(tokens[:, t] | tokens[:, <t], encoder row) for every position, in row chunks.
+
+    encoder_states (R0, L, H), encoder_mask (R0, L), rows (M,) indices into R0,
+    tokens (M, T) starting with the decoder start token -> (M, T), 0 at position 0.
+    """
+    m, t = tokens.shape
+    out = encoder_states.new_zeros(m, t, dtype=torch.float32)  # (M, T)
+    if t < 2 or m == 0:
+        return out
+    per_row = (t - 1) * (getattr(generator.config, "vocab_size", None) or 1)  # logits
+    per_row += 2 * encoder_states[0].numel() * (getattr(generator.config, "decoder_layers", None) or 1)  # cross-attention K, V
+    per_chunk = max(1, chunk_elements // per_row)
+    for start in range(0, m, per_chunk):
+        sl = slice(start, start + per_chunk)
+        logits = generator(
+            encoder_outputs=BaseModelOutput(last_hidden_state=encoder_states[rows[sl]]),  # (m', L, H)
+            attention_mask=encoder_mask[rows[sl]],
+            decoder_input_ids=tokens[sl, :-1],  # (m', T-1): position t predicts token t+1
+            use_cache=False,
+            return_dict=True,
+        ).logits.float()  # (m', T-1, V)
+        target = tokens[sl, 1:, None]  # (m', T-1, 1)
+        # gather - logsumexp: avoids a second (m', T-1, V) tensor for log_softmax
+        out[sl, 1:] = logits.gather(-1, target).squeeze(-1) - logits.logsumexp(-1)
+    return out
+
+
+def sequence_loglik(tokens: torch.Tensor, token_logprobs: torch.Tensor, pad_token_id: int, skip_first: torch.Tensor) -> torch.Tensor:
+    """Σ_t log p(y_t) over the generated tokens that are not padding. (M, T), (M, T), (M,) bool -> (M,).
+
+    Padding carries no score (as in training, where pad targets are ignored); `skip_first`
+    drops the first generated token, a BOS that the decoder was made to emit.
+    """
+    counted = tokens[:, 1:] != pad_token_id  # (M, T-1)
+    counted[:, 0] &= ~skip_first
+    return (token_logprobs[:, 1:] * counted).sum(dim=1)
+
+
+def starts_with_bos(tokens: torch.Tensor, valid: torch.Tensor, bos_token_id: int | None) -> torch.Tensor:
+    """Per question: do all its hypotheses begin with BOS? (B, N, T), (B, N) -> (B,) bool.
+
+    transformers' RAG-Sequence scoring (``exclude_bos_score``) leaves the first token out
+    exactly then: a BOS every hypothesis has (BART's forced one) says nothing about the docs.
+    """
+    if bos_token_id is None or tokens.shape[2] < 2:
+        return torch.zeros(tokens.shape[0], dtype=torch.bool, device=tokens.device)
+    return ((tokens[:, :, 1] == bos_token_id) | ~valid).all(dim=1)
+
+
+def doc_posteriors(doc_scores: torch.Tensor, doc_loglik: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """p(z|x,y) ∝ p(z|x) p(y|x,z) and the marginal log p(y|x). (B, K), (B, N, K) -> (B, N, K), (B, N)."""
+    joint = doc_scores.float().log_softmax(-1)[:, None, :] + doc_loglik  # (B, N, K)
+    marginal = joint.logsumexp(-1)  # (B, N)
+    posterior = torch.where(torch.isfinite(marginal)[..., None], (joint - marginal[..., None]).exp(), 0.0)
+    return posterior, marginal
