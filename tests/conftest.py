@@ -13,6 +13,11 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 os.environ.setdefault("HF_HOME", str(REPO_ROOT / ".hf_home"))
 
 import pytest  # noqa: E402
+import torch  # noqa: E402
+
+# Tiny models gain nothing from intra-op threads, and the suite shares 2 cores:
+# one thread keeps timings steady and avoids oversubscription.
+torch.set_num_threads(1)
 
 # Real data lives beside a development checkout, never inside the project.
 SHARED_DIR = REPO_ROOT.parent / "shared"

@@ -1,0 +1,169 @@
+"""`rag-build-index`: passages file -> passage store -> encoded shards -> index directory.
+
+    rag-build-index --passages psgs_w100.tsv --encoder facebook/dpr-ctx_encoder-single-nq-base \\
+        --out indexes/wiki --factory IVF4096,PQ64 --device cuda --fp16
+
+writes OUT/passages (the store), OUT/shards (encoding, resumable; removed at the
+end unless --keep-shards) and OUT/index (manifest, index.faiss, vectors.npy,
+pointing at ../passages). Re-running after a kill resumes the encoding; re-running
+after success with another --factory rebuilds only the faiss index. Under
+torchrun every rank encodes its shards and rank 0 builds the index.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from index.encode import encode_corpus, load_shards, make_embed_fn, resolve_rank
+from index.faiss_index import DenseIndex
+from index.manifest import IndexManifest
+from index.passages import PassageStore, source_fingerprint
+from index.torch_index import EXACT_FACTORY, TorchIndex
+from rag_models.errors import InputError
+
+
+def _build_exact(vectors: np.ndarray, *, encoder: str, passages: PassageStore, **_unused) -> TorchIndex:
+    """Vectors only: served by the exact torch backend (no faiss index held in RAM at build time)."""
+    return TorchIndex.build(vectors, encoder=encoder, passages=passages)
+
+
+# factory string -> builder; anything not listed is a faiss factory string.
+_BUILDERS = {EXACT_FACTORY: _build_exact}
+
+
+def _passage_store(passages: Path, out: Path, progress: bool) -> PassageStore:
+    """The store at ``out``, built from ``passages`` unless a store of that same file is already there."""
+    if (out / "meta.json").is_file():
+        store = PassageStore.open(out)
+        if store.meta.get("source") == source_fingerprint(passages):
+            return store
+        raise InputError(
+            f"holds a passage store built from another file ({store.meta.get('source')})",
+            path=out, fix="Use a new --out directory, or delete this one to rebuild it from the new passages")
+    return PassageStore.build(passages, out, progress=progress)
+
+
+def _reusable_vectors(index_dir: Path, store: PassageStore, encoder: str) -> np.ndarray | None:
+    """vectors.npy of a finished index over the same passages and encoder, else None."""
+    if not (index_dir / "manifest.json").is_file():
+        return None
+    manifest = IndexManifest.load(index_dir)
+    if manifest.passages_checksum != store.checksum or manifest.encoder != encoder:
+        return None
+    return np.load(index_dir / "vectors.npy", mmap_mode="r")  # (N, D)
+
+
+def _encode(store: PassageStore, out: Path, *, encoder: str, batch_size: int, shard_size: int, max_length: int,
+            fp16: bool, device: str, progress: bool) -> None:
+    """Encode this rank's shards with the context encoder (skips finished shards)."""
+    from rag_models.retriever import load_encoder  # the model package is only needed when encoding
+
+    model, tokenizer = load_encoder(encoder, role="context")
+    embed = make_embed_fn(model, tokenizer, max_length=max_length, device=device, fp16=fp16)
+    encode_corpus(store, embed, out / "shards", batch_size=batch_size, shard_size=shard_size,
+                  encoder_name=encoder, progress=progress)
+
+
+def build_index(
+    passages: str | Path,
+    encoder: str | Path,
+    out: str | Path,
+    *,
+    factory: str = "Flat",
+    batch_size: int = 128,
+    shard_size: int = 100_000,
+    max_length: int = 256,
+    fp16: bool = False,
+    device: str = "cpu",
+    train_sample: int = 200_000,
+    keep_shards: bool = False,
+    progress: bool = True,
+) -> Path:
+    """Build (or resume, or reuse) the index of ``passages`` under ``out``; returns ``out/index``.
+
+    factory: a faiss factory string (Flat, HNSW32, IVF4096,PQ64) or "exact" (vectors only, torch backend).
+    """
+    started, out, encoder = time.time(), Path(out), str(encoder)
+    index_dir = out / "index"
+    rank, world = resolve_rank(None, None)
+    store = _passage_store(Path(passages), out / "passages", progress) if rank == 0 else None
+    if world > 1:
+        dist.barrier()  # rank 0 built the store; the others open it
+        store = store or PassageStore.open(out / "passages")
+    existing = _reusable_vectors(index_dir, store, encoder)
+    if existing is not None and IndexManifest.load(index_dir).factory == factory:
+        print(f"rag-build-index: {index_dir} is up to date ({len(store):,} passages, {factory})")
+        return index_dir
+    encode_seconds = 0.0
+    if existing is None:
+        _encode(store, out, encoder=encoder, batch_size=batch_size, shard_size=shard_size, max_length=max_length,
+                fp16=fp16, device=device, progress=progress)
+        encode_seconds = time.time() - started
+        if world > 1:
+            dist.barrier()  # every rank's shards are on disk
+    if rank == 0:
+        vectors = existing if existing is not None else load_shards(out / "shards", out_path=out / "shards" / "vectors.npy")
+        builder = _BUILDERS.get(factory, DenseIndex.build)
+        index = builder(vectors, factory=factory, encoder=encoder, passages=store, train_sample=train_sample,
+                        progress=progress)
+        index.save(index_dir, passages_path=out / "passages")
+        if not keep_shards:
+            shutil.rmtree(out / "shards", ignore_errors=True)  # the index holds a hard link to vectors.npy
+        size = sum(p.stat().st_size for p in index_dir.iterdir()) / 2**20
+        print(f"rag-build-index: {len(store):,} passages, dim {index.dim}, factory {factory}, {size:,.1f} MB "
+              f"in {index_dir}, {time.time() - started:.1f} s (encoding {encode_seconds:.1f} s)")
+    if world > 1:
+        dist.barrier()  # no rank returns before the index exists
+    return index_dir
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="rag-build-index", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--passages", required=True, help="DPR psgs_w100.tsv(.gz) or JSONL {id,title,text}")
+    parser.add_argument("--encoder", required=True, help="context encoder: hub name or local checkpoint directory")
+    parser.add_argument("--out", required=True, help="output directory (passages/, index/)")
+    parser.add_argument("--factory", default="Flat", help="faiss factory (Flat, HNSW32, IVF4096,PQ64) or 'exact'")
+    parser.add_argument("--batch-size", type=int, default=128, help="passages per encoder forward")
+    parser.add_argument("--shard-size", type=int, default=100_000, help="passages per resumable shard")
+    parser.add_argument("--max-length", type=int, default=256, help="token limit of title [SEP] text")
+    parser.add_argument("--train-sample", type=int, default=200_000, help="vectors used to train IVF / PQ")
+    parser.add_argument("--fp16", action="store_true", help="autocast the encoder to fp16 (CUDA only)")
+    parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda if available)")
+    parser.add_argument("--keep-shards", action="store_true", help="keep OUT/shards after the index is built")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars (logs)")
+    return parser
+
+
+def _init_distributed(device: str | None) -> str:
+    """Join the torchrun process group when launched with WORLD_SIZE > 1; returns this rank's device."""
+    cuda = torch.cuda.is_available()
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if cuda else "gloo")
+        if cuda and device is None:
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+            return f"cuda:{torch.cuda.current_device()}"
+    return device or ("cuda" if cuda else "cpu")
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Console entry point of ``rag-build-index``."""
+    args = _parser().parse_args(argv)
+    try:
+        device = _init_distributed(args.device)
+        build_index(args.passages, args.encoder, args.out, factory=args.factory, batch_size=args.batch_size,
+                    shard_size=args.shard_size, max_length=args.max_length, fp16=args.fp16, device=device,
+                    train_sample=args.train_sample, keep_shards=args.keep_shards, progress=not args.no_progress)
+    except InputError as err:
+        print(f"rag-build-index: error: {err}", file=sys.stderr)
+        raise SystemExit(2) from None
+    finally:
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()

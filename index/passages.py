@@ -1,0 +1,247 @@
+"""The passage store: 21M passages on disk, memory-mapped, random access by row or id in O(1).
+
+Built once from DPR's TSV or JSONL into a directory:
+
+    meta.json                 count, checksum, id scheme, source fingerprint (written last)
+    titles.bin / titles.off   UTF-8 bytes of all titles; (N+1,) int64 offsets into them
+    texts.bin  / texts.off    the same for the texts
+    ids.bin    / ids.off      the ids as strings (omitted when ids are consecutive integers)
+    id_hash.u64 / id_row.i64  sorted 64-bit id hashes and their rows (only for non-integer ids)
+
+Opening maps the files and reads meta.json: time and RAM do not grow with the
+corpus. DPR's ids are the integers 1..N, so `row_of` is one subtraction; other
+ids go through a sorted hash table on disk (binary search over a memmap).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import numpy as np
+from tqdm import tqdm
+
+from index.manifest import atomic_directory
+from index.passage_files import Passage, iter_passages
+from rag_models.errors import InputError
+
+STORE_VERSION = 1
+_FLUSH_EVERY = 65536  # records buffered before a write: bounded RAM, few syscalls
+_FIELDS = ("ids", "titles", "texts")
+
+
+class _ColumnWriter:
+    """Appends strings to ``NAME.bin`` and their end offsets to ``NAME.off``."""
+
+    def __init__(self, directory: Path, name: str) -> None:
+        self.blob = open(directory / f"{name}.bin", "wb")
+        self.offsets = open(directory / f"{name}.off", "wb")
+        self.offsets.write(np.zeros(1, dtype=np.int64).tobytes())
+        self.pending: list[int] = []
+        self.position = 0
+
+    def append(self, data: bytes) -> None:
+        """Add one string's bytes; offsets are written in batches."""
+        self.blob.write(data)
+        self.position += len(data)
+        self.pending.append(self.position)
+        if len(self.pending) >= _FLUSH_EVERY:
+            self.flush()
+
+    def flush(self) -> None:
+        """Write the buffered end offsets."""
+        self.offsets.write(np.asarray(self.pending, dtype=np.int64).tobytes())
+        self.pending = []
+
+    def close(self) -> None:
+        """Flush and close both files."""
+        self.flush()
+        self.blob.close()
+        self.offsets.close()
+
+
+def _id_hash(pid: str) -> int:
+    """Stable 64-bit hash of an id (Python's hash() changes between processes)."""
+    return int.from_bytes(hashlib.blake2b(pid.encode("utf-8"), digest_size=8).digest(), "little")
+
+
+def source_fingerprint(path: Path) -> dict:
+    """Name, size and mtime of the source file: enough to notice it changed."""
+    stat = path.stat()
+    return {"name": path.name, "size": stat.st_size, "mtime": int(stat.st_mtime)}
+
+
+class PassageStore:
+    """Memory-mapped passages: ``get(row)``, ``titles(rows)``, ``texts(rows)``, ``row_of(id)``."""
+
+    def __init__(self, directory: str | Path) -> None:
+        self.directory = Path(directory)
+        meta_path = self.directory / "meta.json"
+        if not meta_path.is_file():
+            raise InputError(
+                "not a passage store (no meta.json)",
+                path=self.directory,
+                fix="Build one with PassageStore.build(passages_file, out_dir) or rag-build-index; "
+                "a directory without meta.json is an unfinished build",
+            )
+        self.meta: dict = json.loads(meta_path.read_text(encoding="utf-8"))
+        self._count = int(self.meta["count"])
+        self._columns = {name: self._open_column(name) for name in _FIELDS if name != "ids" or not self._range_ids}
+        if not self._range_ids:
+            self._hashes = np.memmap(self.directory / "id_hash.u64", dtype=np.uint64, mode="r", shape=(self._count,))
+            self._hash_rows = np.memmap(self.directory / "id_row.i64", dtype=np.int64, mode="r", shape=(self._count,))
+
+    @property
+    def _range_ids(self) -> bool:
+        return self.meta["id_mode"] == "range"
+
+    def _open_column(self, name: str) -> tuple[np.ndarray, np.ndarray]:
+        offsets = np.memmap(self.directory / f"{name}.off", dtype=np.int64, mode="r")  # (N+1,)
+        if offsets.shape[0] != self._count + 1:
+            raise InputError(f"{name}.off holds {offsets.shape[0] - 1} offsets, meta.json says {self._count}",
+                             path=self.directory, fix="The store was modified after its build; rebuild it")
+        size = int(offsets[-1])
+        # np.memmap refuses zero-length files: an all-empty column is an empty array.
+        blob = np.memmap(self.directory / f"{name}.bin", dtype=np.uint8, mode="r") if size else np.zeros(0, np.uint8)
+        return offsets, blob
+
+    @classmethod
+    def open(cls, directory: str | Path) -> "PassageStore":
+        """Open a built store (constant time and memory)."""
+        return cls(directory)
+
+    @classmethod
+    def build(cls, source_path: str | Path, out_dir: str | Path, *, progress: bool = True) -> "PassageStore":
+        """Convert a DPR TSV / JSONL passage file into a store at ``out_dir`` (atomic, replaces an old one)."""
+        source_path = Path(source_path)
+        return cls.from_passages(iter_passages(source_path), out_dir, progress=progress,
+                                 source=source_fingerprint(source_path))
+
+    @classmethod
+    def from_passages(cls, passages: Iterable[Passage], out_dir: str | Path, *, progress: bool = True,
+                      source: dict | None = None) -> "PassageStore":
+        """Write any iterable of passages into a store at ``out_dir`` (atomic: temp dir, then rename)."""
+        with atomic_directory(out_dir) as tmp:
+            meta = _write_columns(passages, tmp, progress)
+            if meta["id_mode"] == "hash":
+                _write_id_table(tmp, meta["count"])
+            else:
+                for suffix in ("bin", "off"):  # ids are implied by their rows
+                    (tmp / f"ids.{suffix}").unlink()
+            meta.update(version=STORE_VERSION, source=source, created=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
+            (tmp / "meta.json").write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
+        return cls(out_dir)
+
+    # ---- access -------------------------------------------------------------------------
+    def __len__(self) -> int:
+        return self._count
+
+    @property
+    def checksum(self) -> str:
+        """Digest of all ids, titles and texts, computed once at build time."""
+        return self.meta["checksum"]
+
+    def _strings(self, name: str, rows: Sequence[int] | np.ndarray) -> list[str]:
+        rows = self._check_rows(rows)
+        offsets, blob = self._columns[name]
+        starts, ends = offsets[rows], offsets[rows + 1]  # (R,), (R,)
+        return [blob[a:b].tobytes().decode("utf-8") for a, b in zip(starts.tolist(), ends.tolist())]
+
+    def _check_rows(self, rows: Sequence[int] | np.ndarray) -> np.ndarray:
+        rows = np.asarray(rows, dtype=np.int64).reshape(-1)  # (R,)
+        if rows.size and (rows.min() < 0 or rows.max() >= self._count):
+            bad = rows[(rows < 0) | (rows >= self._count)][0]
+            raise IndexError(f"row {bad} outside the passage store of {self._count} passages ({self.directory})")
+        return rows
+
+    def titles(self, rows: Sequence[int] | np.ndarray) -> list[str]:
+        """Titles of the given rows, in order."""
+        return self._strings("titles", rows)
+
+    def texts(self, rows: Sequence[int] | np.ndarray) -> list[str]:
+        """Texts of the given rows, in order."""
+        return self._strings("texts", rows)
+
+    def ids(self, rows: Sequence[int] | np.ndarray) -> list[str]:
+        """Passage ids (as in the source file) of the given rows."""
+        if self._range_ids:
+            start = int(self.meta["id_start"])
+            return [str(start + row) for row in self._check_rows(rows).tolist()]
+        return self._strings("ids", rows)
+
+    def get(self, row: int) -> Passage:
+        """The passage at ``row`` (0-based position in the source file)."""
+        return Passage(id=self.ids([row])[0], title=self.titles([row])[0], text=self.texts([row])[0])
+
+    def row_of(self, pid: str) -> int:
+        """Row of the passage whose id is ``pid``; KeyError if there is none."""
+        pid = str(pid)
+        if self._range_ids:
+            if pid.lstrip("-").isdigit() and str(int(pid)) == pid:
+                row = int(pid) - int(self.meta["id_start"])
+                if 0 <= row < self._count:
+                    return row
+            raise KeyError(f"no passage with id {pid!r} in {self.directory}")
+        target = np.uint64(_id_hash(pid))
+        position = int(np.searchsorted(self._hashes, target, side="left"))
+        while position < self._count and self._hashes[position] == target:  # rare 64-bit collisions
+            row = int(self._hash_rows[position])
+            if self.ids([row])[0] == pid:
+                return row
+            position += 1
+        raise KeyError(f"no passage with id {pid!r} in {self.directory}")
+
+
+def _write_columns(passages: Iterable[Passage], directory: Path, progress: bool) -> dict:
+    """Stream passages into the three columns; returns count, checksum and the id scheme."""
+    writers = {name: _ColumnWriter(directory, name) for name in _FIELDS}
+    digest = hashlib.blake2b(digest_size=16)
+    count, start, consecutive = 0, None, True
+    for passage in tqdm(passages, desc="passage store", unit=" psg", unit_scale=True, disable=not progress):
+        if not passage.id:
+            raise InputError(f"passage #{count + 1} has an empty id", setting="passages",
+                             fix="Give every passage a unique, non-empty id")
+        fields = (passage.id.encode("utf-8"), passage.title.encode("utf-8"), passage.text.encode("utf-8"))
+        for name, data in zip(_FIELDS, fields):
+            writers[name].append(data)
+            # Lengths first, so ("ab", "c") and ("a", "bc") never hash alike.
+            digest.update(len(data).to_bytes(8, "little"))
+            digest.update(data)
+        if consecutive:
+            if start is None:
+                consecutive = passage.id.lstrip("-").isdigit() and str(int(passage.id)) == passage.id
+                start = int(passage.id) if consecutive else None
+            else:
+                consecutive = passage.id == str(start + count)
+        count += 1
+    for writer in writers.values():
+        writer.close()
+    if count == 0:
+        raise InputError("no passages to store", setting="passages", fix="Pass a non-empty passage file")
+    mode = "range" if consecutive else "hash"
+    return {"count": count, "checksum": f"blake2b:{digest.hexdigest()}", "id_mode": mode,
+            "id_start": start if consecutive else None}
+
+
+def _write_id_table(directory: Path, count: int) -> None:
+    """Sorted id hashes + rows for O(log N) on-disk lookups; refuses duplicate ids."""
+    offsets = np.memmap(directory / "ids.off", dtype=np.int64, mode="r")  # (N+1,)
+    blob = np.memmap(directory / "ids.bin", dtype=np.uint8, mode="r")
+    ends = offsets[1:].tolist()
+    hashes = np.fromiter(
+        (_id_hash(blob[a:b].tobytes().decode("utf-8")) for a, b in zip(offsets[:-1].tolist(), ends)),
+        dtype=np.uint64, count=count,
+    )
+    order = np.argsort(hashes, kind="stable")  # (N,) rows sorted by hash
+    sorted_hashes = hashes[order]
+    for position in np.flatnonzero(sorted_hashes[1:] == sorted_hashes[:-1]).tolist():
+        row_a, row_b = int(order[position]), int(order[position + 1])
+        id_a = blob[offsets[row_a]:offsets[row_a + 1]].tobytes().decode("utf-8")
+        id_b = blob[offsets[row_b]:offsets[row_b + 1]].tobytes().decode("utf-8")
+        if id_a == id_b:
+            raise InputError(f"passage id {id_a!r} appears twice (passages #{row_a + 1} and #{row_b + 1})",
+                             setting="passages", fix="Give every passage a unique id")
+    sorted_hashes.tofile(directory / "id_hash.u64")
+    order.astype(np.int64).tofile(directory / "id_row.i64")
