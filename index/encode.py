@@ -17,8 +17,8 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from index.manifest import atomic_write_text
 from index.passages import PassageStore
+from rag_models.atomic import atomic_save_npy, atomic_write_text
 from rag_models.errors import InputError
 
 EmbedFn = Callable[[list[str], list[str]], np.ndarray]  # (titles, texts) -> (N, D) float32
@@ -97,16 +97,7 @@ def _encode_shard(store: PassageStore, embed: EmbedFn, start: int, end: int, bat
 def _publish_shard(out_dir: Path, number: int, start: int, vectors: np.ndarray) -> Path:
     """Write the array (temp + replace), then its sidecar: the sidecar is the 'done' mark."""
     path = shard_path(out_dir, number)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "wb") as out:
-            np.save(out, vectors)
-            out.flush()
-            os.fsync(out.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    atomic_save_npy(path, vectors)
     info = {"rows": [start, start + vectors.shape[0]], "dim": int(vectors.shape[1]), "dtype": "float32"}
     atomic_write_text(path.with_suffix(".json"), json.dumps(info) + "\n")
     return path

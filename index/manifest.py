@@ -12,19 +12,17 @@ final name, so a killed save never leaves anything that loads.
 """
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import shutil
-import tempfile
 import time
-import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable
 
 import numpy as np
 
+from rag_models.atomic import atomic_directory, atomic_save_npy, atomic_write_text, publish_directory  # noqa: F401 (re-exported)
 from rag_models.errors import InputError
 
 FORMAT_VERSION = 1
@@ -90,82 +88,6 @@ class IndexManifest:
         if self.passages_path is None:
             return None
         return (Path(directory) / self.passages_path).resolve()
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write a small text file under a temporary name, fsync, then rename it to ``path``."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "w", encoding="utf-8") as out:
-            out.write(text)
-            out.flush()
-            os.fsync(out.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-
-
-def atomic_save_npy(path: Path, array: np.ndarray) -> None:
-    """``np.save`` under a temporary name, then rename: the ``.npy`` appears only complete."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "wb") as out:
-            np.save(out, array)
-            out.flush()
-            os.fsync(out.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-
-
-@contextlib.contextmanager
-def atomic_directory(target: str | Path, *, overwrite: bool = True) -> Iterator[Path]:
-    """Yield a fresh temporary directory beside ``target``; on success rename it to ``target``.
-
-    If the body raises (or the process dies), ``target`` is untouched: an old
-    directory stays in service and no half-written one appears. An existing
-    ``target`` is replaced (old renamed aside, new renamed in, old deleted).
-    """
-    target = Path(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    leftovers = sorted(target.parent.glob(f".{target.name}.tmp-*"))
-    if leftovers:  # not deleted here: another process may be writing one right now
-        warnings.warn(f"temporary directories of killed writes of {target} remain (safe to delete once no "
-                      f"other build runs): {', '.join(p.name for p in leftovers)}", stacklevel=3)
-    if target.exists() and not overwrite:
-        raise InputError("already exists", path=target, fix="Choose another output directory or delete this one")
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
-    try:
-        yield tmp
-        _sync_directory(tmp)
-        publish_directory(tmp, target)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-
-
-def publish_directory(tmp: Path, target: Path) -> None:
-    """Rename the finished ``tmp`` onto ``target``, moving an existing ``target`` aside first."""
-    old = None
-    if target.exists():
-        # rename() cannot replace a non-empty directory; the old one is moved aside
-        # (it stays recoverable under .NAME.old-* if we die between the two renames).
-        old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
-        os.rmdir(old)
-        os.replace(target, old)
-    os.replace(tmp, target)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
-
-
-def _sync_directory(directory: Path) -> None:
-    """fsync every file in ``directory`` so the rename never publishes data still in flight."""
-    for path in directory.rglob("*"):
-        if path.is_file():
-            with open(path, "rb") as handle:
-                os.fsync(handle.fileno())
 
 
 def link_or_copy(source: Path, dest: Path) -> None:

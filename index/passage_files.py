@@ -7,15 +7,13 @@ a passage never splits it; each line is decoded on its own.
 """
 from __future__ import annotations
 
-import contextlib
 import gzip
-import io
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Iterable, Iterator
+from typing import Iterable, Iterator
 
+from rag_models.atomic import atomic_text_writer  # noqa: F401 (re-exported)
 from rag_models.errors import InputError
 
 TSV_COLUMNS = ("id", "text", "title")
@@ -164,36 +162,6 @@ def _iter_jsonl(path: Path) -> Iterator[Passage]:
     """Passages of a JSONL file, one object a line."""
     for number, line in iter_lines(path):
         yield _jsonl_passage(path, number, line)
-
-
-@contextlib.contextmanager
-def atomic_text_writer(path: str | Path) -> Iterator[IO[str]]:
-    """Open a UTF-8 text file (gzip if ``.gz``) under a temporary name; rename it to ``path`` on success.
-
-    A killed or failing writer leaves no file at ``path`` (only an old complete one,
-    if any), so nothing that looks complete is ever half written.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "wb") as raw:
-            binary: IO[bytes] = raw
-            if path.name.lower().endswith(".gz"):
-                # mtime=0 and no stored name (it would be the temporary one) keep the bytes reproducible.
-                binary = gzip.GzipFile(filename="", fileobj=raw, mode="wb", mtime=0)
-            text = io.TextIOWrapper(binary, encoding="utf-8", newline="\n")
-            yield text
-            text.flush()
-            text.detach()  # keep `binary` open: the gzip trailer is written by its close below
-            if binary is not raw:
-                binary.close()
-            raw.flush()
-            os.fsync(raw.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
 
 
 def _quote(field: str) -> str:

@@ -13,14 +13,10 @@ so a run killed mid-save never leaves a directory that looks complete.
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from rag_models.atomic import atomic_directory  # noqa: F401 (re-exported)
 from rag_models.errors import InputError
 
 if TYPE_CHECKING:
@@ -29,27 +25,6 @@ if TYPE_CHECKING:
 CONFIG_NAME = "rag_config.json"
 # Settings that belong to the generator wrapper, not to RagModel itself.
 GENERATOR_SETTINGS = ("max_source_length", "max_target_length", "input_format")
-
-
-@contextmanager
-def atomic_directory(out_dir: str | Path) -> Iterator[Path]:
-    """Yield a temp directory beside ``out_dir``; on success it replaces ``out_dir`` by rename."""
-    out = Path(out_dir)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp.", dir=out.parent))
-    try:
-        yield tmp
-        if out.exists():
-            # Move the old one aside first: os.replace cannot overwrite a non-empty directory.
-            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old.", dir=out.parent))
-            os.replace(out, old / out.name)
-            os.replace(tmp, out)
-            shutil.rmtree(old)
-        else:
-            os.replace(tmp, out)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp)
 
 
 def save_rag_model(model: "RagModel", out_dir: str | Path) -> Path:

@@ -8,8 +8,6 @@ demo and the tests exercise the real loading path, only with small weights.
 from __future__ import annotations
 
 import os
-import shutil
-import tempfile
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,6 +27,7 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
+from rag_models.atomic import atomic_directory
 from rag_models.errors import InputError
 from rag_models.tokenization import dpr_tokenizers, train_bart_tokenizer, train_wordpiece_vocab
 
@@ -116,17 +115,9 @@ def tiny_bart(tokenizer: PreTrainedTokenizerBase, size: TinyBartSize, seed: int)
 
 def _save_atomically(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, out: Path) -> Path:
     """save_pretrained into a temp dir beside `out`, then rename: never a half checkpoint."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+    with atomic_directory(out) as tmp:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp)
     return out
 
 

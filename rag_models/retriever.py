@@ -81,7 +81,7 @@ class DenseEncoder(nn.Module):
     def save_pretrained(self, out_dir: str | Path, tokenizer: PreTrainedTokenizerBase | None = None) -> None:
         """Write the encoder (pooling in its config.json) and optionally its tokenizer, atomically."""
         # Imported here: checkpoint.py imports this module at load time.
-        from rag_models.checkpoint import atomic_directory
+        from rag_models.atomic import atomic_directory
 
         with atomic_directory(out_dir) as tmp:
             self.model.save_pretrained(tmp)
