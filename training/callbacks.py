@@ -1,0 +1,140 @@
+"""Side effects of training, kept out of the training step: sample predictions, throughput, index refresh.
+
+- `SamplePredictions`: after each validation, a few questions with the model's
+  answer, the references and the titles of the passages it read, as TensorBoard text.
+- `Throughput`: questions/s and tokens/s of the optimizer-side step, all ranks together.
+- `IndexRefresh` (end-to-end mode): on a schedule such as ``"0-1000:500,1000-10000:2000"``
+  re-encode the corpus with the context encoder being trained, build a new index,
+  and swap it into every rank's retriever. Encoding is split over the ranks
+  (``encode_corpus`` shards by rank) or done by rank 0 alone.
+"""
+from __future__ import annotations
+
+import logging
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+from lightning.pytorch.loggers import TensorBoardLogger
+
+from index.encode import encode_corpus, load_shards, make_embed_fn
+from index.faiss_index import DenseIndex
+from rag_models.errors import InputError
+from training.schedule import parse_refresh_schedule, refresh_due
+
+log = logging.getLogger(__name__)
+
+
+def _markdown_cell(text: str) -> str:
+    return text.replace("|", "\\|").replace("\n", " ")
+
+
+class SamplePredictions(pl.Callback):
+    """Logs ``n`` validation questions with prediction, references and retrieved titles (TensorBoard text)."""
+
+    def __init__(self, *, n: int = 4) -> None:
+        self.n = n
+
+    def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        examples = getattr(trainer.datamodule, "splits", {}).get("val", [])[: self.n]
+        if trainer.sanity_checking or not examples or not hasattr(pl_module, "predict_questions"):
+            return
+        # Every rank decodes (a sharded index search is a collective); rank 0 writes.
+        predictions, _ = pl_module.predict_questions([e.question for e in examples])
+        if not trainer.is_global_zero:
+            return
+        rows = ["| question | prediction | answers | retrieved |", "|---|---|---|---|"]
+        for example, prediction in zip(examples, predictions):
+            cells = (example.question, prediction.text, " / ".join(example.answers), " · ".join(prediction.titles) or "(none)")
+            rows.append("| " + " | ".join(_markdown_cell(c) for c in cells) + " |")
+        text = "\n".join(rows)
+        for logger in trainer.loggers:
+            if isinstance(logger, TensorBoardLogger):
+                logger.experiment.add_text("val/samples", text, global_step=trainer.global_step)
+        log.info("step %d sample predictions:\n%s", trainer.global_step, text)
+
+
+class Throughput(pl.Callback):
+    """Logs ``perf/questions_per_s`` and ``perf/tokens_per_s`` (all ranks) from the training step's counts."""
+
+    def __init__(self, *, skip_first: int = 1) -> None:
+        self.skip_first = skip_first  # the first steps pay one-off costs (allocations, lazy init)
+        self._start: float | None = None
+        self._seen = 0
+
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
+        self._start = time.perf_counter()
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        self._seen += 1
+        if self._start is None or self._seen <= self.skip_first or not isinstance(outputs, dict):
+            return
+        seconds = max(time.perf_counter() - self._start, 1e-9)
+        # Ranks run in lock step (DDP), so the global rate is the local one times the world size.
+        world = trainer.world_size
+        pl_module.log("perf/questions_per_s", world * outputs.get("n_questions", 0) / seconds, on_step=True, on_epoch=False)
+        pl_module.log("perf/tokens_per_s", world * outputs.get("n_tokens", 0) / seconds, on_step=True, on_epoch=False)
+
+
+class IndexRefresh(pl.Callback):
+    """Re-encode the corpus with the trained context encoder and swap the index, on a step schedule."""
+
+    def __init__(self, *, schedule: str, out_dir: str, split_across_ranks: bool = True, batch_size: int = 64,
+                 factory: str = "Flat", keep: int = 2) -> None:
+        self.ranges = parse_refresh_schedule(schedule)
+        self.out_dir = Path(out_dir)
+        self.split_across_ranks = split_across_ranks
+        self.batch_size = batch_size
+        self.factory = factory
+        self.keep = keep
+        self._last_step = -1
+        self.refreshed_at: list[int] = []
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        model = getattr(pl_module, "model", None)
+        if model is None or not getattr(model, "train_context_encoder", False):
+            raise InputError("the index refresh only makes sense while the context encoder trains",
+                             setting="callbacks.index_refresh", fix="set model.train_context_encoder=true or drop the callback")
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        step = trainer.global_step  # with gradient accumulation it stays put for several batches
+        if step != self._last_step and refresh_due(step, self.ranges):
+            self._last_step = step
+            self.refresh(trainer, pl_module, step)
+
+    def refresh(self, trainer: pl.Trainer, pl_module: pl.LightningModule, step: int) -> Path:
+        """Encode (this rank's shards), build the index on rank 0, then every rank swaps to it."""
+        model, retriever = pl_module.model, pl_module.retriever
+        store = retriever.passages
+        rank, world = (trainer.global_rank, trainer.world_size) if self.split_across_ranks else (0, 1)
+        step_dir = self.out_dir / f"step_{step:08d}"
+        encoder = model.context_encoder
+        was_training = encoder.training
+        if self.split_across_ranks or trainer.is_global_zero:
+            embed = make_embed_fn(encoder, model.context_tokenizer, max_length=model.max_passage_length, device=pl_module.device)
+            encode_corpus(store, embed, step_dir / "encoding", batch_size=self.batch_size, rank=rank, world_size=world,
+                          encoder_name=f"context encoder at step {step}", progress=trainer.is_global_zero)
+        encoder.train(was_training)  # make_embed_fn switched it to eval
+        trainer.strategy.barrier("index_refresh_encoded")
+        if trainer.is_global_zero:
+            vectors = load_shards(step_dir / "encoding")  # (N, D)
+            index = DenseIndex.build(vectors, factory=self.factory, passages=store, encoder=f"step {step}", progress=False)
+            index.save(step_dir / "index")
+            shutil.rmtree(step_dir / "encoding", ignore_errors=True)
+        trainer.strategy.barrier("index_refresh_built")
+        retriever.swap(step_dir / "index")
+        self.refreshed_at.append(step)
+        trainer.strategy.barrier("index_refresh_swapped")
+        if trainer.is_global_zero:
+            self._prune()
+        return step_dir / "index"
+
+    def _prune(self) -> None:
+        """Delete all but the newest ``keep`` refreshed indexes (open memmaps keep working on Linux)."""
+        old = sorted(self.out_dir.glob("step_*"))[: -self.keep] if self.keep > 0 else []
+        for directory in old:
+            shutil.rmtree(directory, ignore_errors=True)

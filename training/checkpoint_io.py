@@ -1,0 +1,63 @@
+"""Checkpoint files that are whole or absent, loaded without unpickling arbitrary objects.
+
+Lightning's default writer goes through an fsspec transaction whose temporary file
+lives in the system temp dir; the final move is then a copy across file systems,
+and a kill during that copy leaves a truncated ``last.ckpt`` under its final name.
+Here the temporary file sits beside the target, is fsynced, and is renamed with
+``os.replace`` (atomic on POSIX). Loading always uses ``weights_only=True``.
+"""
+from __future__ import annotations
+
+import os
+import pickle
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from lightning.fabric.plugins import TorchCheckpointIO
+
+from rag_models.errors import InputError
+
+
+def atomic_torch_save(obj: Any, path: str | Path) -> Path:
+    """``torch.save`` into ``.NAME.tmp-PID`` in the same directory, fsync, then rename onto ``path``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "wb") as handle:
+            torch.save(obj, handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    return path
+
+
+def safe_torch_load(path: str | Path, map_location: Any = "cpu") -> Any:
+    """``torch.load(weights_only=True)``, with an InputError naming the file when it is not a checkpoint."""
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except FileNotFoundError:
+        raise InputError("checkpoint not found", path=path, fix="check ckpt_path (or use ckpt_path=last)") from None
+    except (RuntimeError, EOFError, ValueError, pickle.UnpicklingError) as err:
+        raise InputError(f"cannot read the checkpoint ({str(err).splitlines()[0]})", path=path,
+                         fix="pass a checkpoint written by rag-train; a truncated file comes from another writer") from err
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Lightning CheckpointIO: atomic local writes, ``weights_only=True`` reads."""
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path: str | Path, storage_options: Any = None) -> None:
+        """Write ``checkpoint`` to ``path`` atomically."""
+        if storage_options is not None:
+            raise TypeError("AtomicCheckpointIO takes no storage_options")
+        atomic_torch_save(checkpoint, path)
+
+    def load_checkpoint(self, path: str | Path, map_location: Callable | None = None,
+                        weights_only: bool | None = None) -> dict[str, Any]:
+        """Read a checkpoint with the safe unpickler, whatever the caller asked."""
+        location = map_location if map_location is not None else (lambda storage, loc: storage)
+        return safe_torch_load(path, map_location=location)

@@ -1,0 +1,150 @@
+"""``rag-train``: instantiate the configured data, module, trainer, callbacks and loggers; fit; test; export.
+
+    rag-train experiment=demo paths.world_dir=runs/demo/world
+    rag-train experiment=nq_rag_sequence index.path=/data/index trainer=ddp trainer.devices=8
+    rag-train experiment=demo hydra.run.dir=runs/demo/<time> ckpt_path=last    # resume a killed run
+
+From Python (the demo does this): ``train(compose_config(["experiment=demo", "paths.run_dir=..."]))``.
+Only instantiation happens here: what a component does lives in its own file.
+"""
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import hydra
+import lightning.pytorch as pl
+from hydra.core.hydra_config import HydraConfig
+from hydra.errors import InstantiationException
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf, open_dict
+
+from index.manifest import atomic_write_text
+from rag_models.errors import InputError
+from training.checkpoint_io import safe_torch_load
+
+CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
+EXPORTS = ("last", "best")
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TrainResult:
+    """What a training run produced: where, and how well."""
+
+    run_dir: Path
+    export_dir: Path | None  # RagModel.save_pretrained dir (or question_encoder/ + context_encoder/ for DPR)
+    best_checkpoint: Path | None
+    last_checkpoint: Path | None
+    metrics: dict[str, float] = field(default_factory=dict)  # final val/*, train/*, test/* values
+
+
+def compose_config(overrides: list[str] | tuple[str, ...] = (), config_name: str = "train") -> DictConfig:
+    """The config ``rag-train OVERRIDES`` would use, composed without running Hydra's app (tests, rag-demo)."""
+    from hydra import compose, initialize_config_dir
+
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base=None):
+        return compose(config_name=config_name, overrides=list(overrides))
+
+
+def _instantiate(node: DictConfig, **kwargs: Any) -> Any:
+    """hydra.utils.instantiate, but a bad setting surfaces as our InputError, not wrapped in Hydra's exception."""
+    try:
+        return instantiate(node, **kwargs)
+    except InstantiationException as err:
+        cause = err.__cause__
+        while cause is not None and not isinstance(cause, InputError):
+            cause = cause.__cause__
+        if cause is not None:
+            raise cause from None
+        raise
+
+
+def _instantiate_all(group: DictConfig | None) -> list[Any]:
+    """Instantiate every ``_target_`` entry of a dict-of-components group (callbacks, loggers)."""
+    if not group:
+        return []
+    return [_instantiate(node) for node in group.values() if isinstance(node, DictConfig) and "_target_" in node]
+
+
+def _checkpoints(trainer: pl.Trainer) -> tuple[Path | None, Path | None]:
+    """(best, last) checkpoint paths written by the ModelCheckpoint callbacks, when any."""
+    best = last = None
+    for callback in trainer.checkpoint_callbacks:
+        if getattr(callback, "best_model_path", "") and callback.monitor is not None:
+            best = Path(callback.best_model_path)
+        if getattr(callback, "last_model_path", ""):
+            last = Path(callback.last_model_path)
+    return best, last
+
+
+def _scalars(metrics: dict[str, Any]) -> dict[str, float]:
+    """Plain floats of the train/, val/, test/ and perf/ metrics (the learning rates live in the logs)."""
+    return {key: float(value) for key, value in metrics.items() if key.split("/")[0] in ("train", "val", "test", "perf")}
+
+
+def _check(cfg: DictConfig) -> Path:
+    """The run directory; InputError for settings that cannot work."""
+    if cfg.paths.run_dir is None:
+        raise InputError("no run directory", setting="paths.run_dir", fix="pass paths.run_dir=DIR (rag-train sets it to Hydra's run dir)")
+    if cfg.export not in EXPORTS:
+        raise InputError(f"export={cfg.export!r}", setting="export", fix=f"use one of {EXPORTS}")
+    return Path(cfg.paths.run_dir)
+
+
+def train(cfg: DictConfig, *, extra_callbacks: list[pl.Callback] | None = None) -> TrainResult:
+    """Fit the configured module, optionally test it, export the chosen weights; every rank runs this.
+
+    ``extra_callbacks`` join the configured ones (notebooks, fault-injection in tests).
+    """
+    run_dir = _check(cfg)
+    pl.seed_everything(cfg.seed, workers=True)
+    datamodule = _instantiate(cfg.data)
+    module = _instantiate(cfg.module)
+    callbacks = _instantiate_all(cfg.get("callbacks")) + list(extra_callbacks or [])
+    loggers = _instantiate_all(cfg.get("logger"))
+    trainer: pl.Trainer = _instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
+    if trainer.is_global_zero:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(run_dir / "train_config.yaml", OmegaConf.to_yaml(cfg, resolve=False))
+    trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.ckpt_path, weights_only=True)
+    metrics = _scalars(trainer.callback_metrics)
+    best, last = _checkpoints(trainer)
+    if cfg.export == "best":
+        if best is None or not best.is_file():
+            raise InputError("no best checkpoint was written (did validation run?)", setting="export", fix="use export=last")
+        module.load_state_dict(safe_torch_load(best)["state_dict"])
+    if cfg.test and _has_test_data(datamodule):
+        for results in trainer.test(module, datamodule=datamodule, verbose=False, weights_only=True):
+            metrics.update(_scalars(results))
+    export_dir = run_dir / "model"
+    if trainer.is_global_zero:
+        module.export_pretrained(export_dir)
+        result = TrainResult(run_dir, export_dir, best, last, metrics)
+        atomic_write_text(run_dir / "train_result.json", json.dumps(asdict(result), indent=2, default=str) + "\n")
+    trainer.strategy.barrier("export")
+    return TrainResult(run_dir, export_dir, best, last, metrics)
+
+
+def _has_test_data(datamodule: pl.LightningDataModule) -> bool:
+    files = getattr(datamodule, "files", {})
+    return bool(files.get("test", (None,))[0])
+
+
+@hydra.main(config_path=str(CONFIG_DIR), config_name="train", version_base=None)
+def main(cfg: DictConfig) -> None:
+    """Console entry point ``rag-train``; any Hydra override, e.g. ``experiment=demo trainer.max_steps=50``."""
+    if cfg.paths.run_dir is None:
+        with open_dict(cfg):
+            cfg.paths.run_dir = HydraConfig.get().runtime.output_dir
+    result = train(cfg)
+    shown = {k: round(v, 4) for k, v in sorted(result.metrics.items()) if k.startswith(("val/", "test/"))}
+    log.info("exported %s; metrics %s", result.export_dir, shown)
+    print(f"model: {result.export_dir}\nmetrics: {json.dumps(shown)}")
+
+
+if __name__ == "__main__":
+    main()
