@@ -1,0 +1,12 @@
+"""The offline demo, end to end; same as the `rag-demo` console script and `make demo`."""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+
+from training.demo_cli import main  # noqa: E402
+
+if __name__ == "__main__":
+    sys.exit(main())

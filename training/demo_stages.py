@@ -1,0 +1,205 @@
+"""The stages of the offline demo, each through the code path a user runs (Hydra configs, build_index, evaluate).
+
+    world -> tiny checkpoints -> DPR pre-training -> v1 index -> RAG-Sequence, RAG-Token, closed-book
+    training -> test evaluation -> v2 index (same context encoder) -> evaluation after the swap
+
+Everything lands under one demo directory laid out as ``configs/train.yaml``'s
+``paths.demo_dir`` expects: ``world/``, ``tiny/``, ``dpr/model/``, ``index/``,
+one run directory per trained model, ``index_v2/`` and ``eval/<name>/``.
+"""
+from __future__ import annotations
+
+import json
+import re
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from index.build_cli import build_index
+from index.passage_files import iter_passages
+from rag_models.factory import CheckpointPaths, TinyBartSize, TinyDprSize, save_tiny_checkpoints
+from training.demo_world import WorldFiles, world_files, write_world
+from training.eval_cli import compose_eval_config, evaluate
+from training.train_cli import TrainResult, compose_config, train
+
+# Hydra override values made only of these characters need no quoting.
+_PLAIN_VALUE = re.compile(r"^[\w./\-]+$")
+
+
+@dataclass(frozen=True)
+class DemoPlan:
+    """How big the demo is: the world, the tiny models, and what every stage overrides."""
+
+    n_entities: int = 1200
+    n_dev: int = 100
+    n_test: int = 200
+    change_fraction: float = 0.4
+    dpr_size: TinyDprSize = TinyDprSize()
+    bart_size: TinyBartSize = TinyBartSize()
+    train_overrides: tuple[str, ...] = ()  # added to every rag-train stage (the quick run shortens them)
+    rag_overrides: tuple[str, ...] = ()  # added to the RAG and closed-book stages only
+    eval_overrides: tuple[str, ...] = ()
+    index_max_length: int = 128  # the tiny context encoder's max_passage_length (configs/retriever/tiny.yaml)
+
+
+FULL = DemoPlan()
+# The smoke run: the smallest world and the test suite's model sizes, a few steps per stage.
+QUICK = DemoPlan(
+    n_entities=100, n_dev=10, n_test=20,
+    dpr_size=TinyDprSize(hidden_size=32, num_layers=1, num_heads=2, intermediate_size=64, vocab_size=300),
+    bart_size=TinyBartSize(d_model=32, layers=1, heads=2, ffn_dim=64, vocab_size=300),
+    train_overrides=("trainer.max_steps=3", "trainer.val_check_interval=3", "data.batch_size=16",
+                     "callbacks.checkpoint_last.every_n_train_steps=3", "trainer.enable_progress_bar=false",
+                     "trainer.enable_model_summary=false"),
+    rag_overrides=("data.max_val_examples=10",),
+    eval_overrides=("recall_depth=20", "progress=false", "decoding.num_beams=1"),
+)
+
+
+def override(key: str, value: object) -> str:
+    """A Hydra override ``key=value``, quoted when the value (e.g. a path with spaces) needs it."""
+    text = str(value)
+    if _PLAIN_VALUE.match(text):
+        return f"{key}={text}"
+    escaped = text.replace("\\", "\\\\").replace("'", "\\'")
+    return f"{key}='{escaped}'"
+
+
+@dataclass
+class Stopwatch:
+    """Seconds spent per stage, in the order the stages ran, and which stages an earlier run had finished."""
+
+    seconds: dict[str, float] = field(default_factory=dict)
+    resumed: list[str] = field(default_factory=list)
+
+    def run(self, name: str, title: str, work: Callable[[], Any], finished: Callable[[], Any] | None = None) -> Any:
+        """Run one stage with a header line and time it; reuse its result when ``finished()`` finds one."""
+        number = len(self.seconds) + 1
+        print(f"\n=== [{number}] {title}", flush=True)
+        earlier = finished() if finished is not None else None
+        if earlier is not None:  # a killed demo, re-run with the same --out, keeps what it had finished
+            self.seconds[name] = 0.0
+            self.resumed.append(name)
+            print(f"=== [{number}] {title}: finished by an earlier run, reused", flush=True)
+            return earlier
+        started = time.perf_counter()
+        result = work()
+        self.seconds[name] = round(time.perf_counter() - started, 1)
+        print(f"=== [{number}] {title}: done in {self.seconds[name]:.1f} s", flush=True)
+        return result
+
+
+def finished_training(run_dir: Path) -> TrainResult | None:
+    """The result of a training stage an earlier run completed (train_result.json is written last), else None."""
+    path = run_dir / "train_result.json"
+    if not path.is_file():
+        return None
+    saved = json.loads(path.read_text(encoding="utf-8"))
+    export = Path(saved["export_dir"]) if saved.get("export_dir") else None
+    if export is None or not export.is_dir():
+        return None
+    checkpoint = {key: Path(saved[key]) if saved.get(key) else None for key in ("best_checkpoint", "last_checkpoint")}
+    return TrainResult(run_dir=run_dir, export_dir=export, metrics=saved.get("metrics", {}), **checkpoint)
+
+
+def finished_world(out: Path) -> WorldFiles | None:
+    """The world of an earlier run (world.json is written last); rewriting it would look like new passages."""
+    files = world_files(out / "world")
+    return files if files.summary.is_file() else None
+
+
+def finished_tiny_models(out: Path) -> CheckpointPaths | None:
+    """The tiny checkpoints of an earlier run (each is saved atomically), else None."""
+    paths = CheckpointPaths(out / "tiny" / "question_encoder", out / "tiny" / "context_encoder", out / "tiny" / "generator")
+    return paths if all((p / "config.json").is_file() for p in (paths.question_encoder, paths.context_encoder,
+                                                                  paths.generator)) else None
+
+
+def make_world(out: Path, plan: DemoPlan, seed: int) -> WorldFiles:
+    """The synthetic world (v1 and the changed v2) under ``out/world``."""
+    return write_world(out / "world", seed=seed, n_entities=plan.n_entities, n_dev=plan.n_dev,
+                       n_test=plan.n_test, change_fraction=plan.change_fraction)
+
+
+def make_tiny_models(out: Path, world: WorldFiles, plan: DemoPlan, seed: int) -> CheckpointPaths:
+    """Untrained tiny DPR encoders and BART under ``out/tiny``, tokenizers trained on the world's text.
+
+    The tokenizers see the v1 passages and the training questions only: the v2 world
+    arrives later, as it would in reality, and test questions stay unseen.
+    """
+    texts = [f"{p.title} {p.text}" for p in iter_passages(world.v1_passages)]
+    texts += [json.loads(line)["question"] for line in world.train.read_text(encoding="utf-8").splitlines()]
+    return save_tiny_checkpoints(out / "tiny", texts, dpr_size=plan.dpr_size, bart_size=plan.bart_size, seed=seed)
+
+
+def train_stage(out: Path, experiment: str, run_name: str, plan: DemoPlan, seed: int) -> TrainResult:
+    """``rag-train experiment=EXPERIMENT`` into ``out/RUN_NAME`` (test split left to the evaluation stage)."""
+    overrides = [f"experiment={experiment}", override("paths.demo_dir", out), override("paths.run_dir", out / run_name),
+                 f"seed={seed}", "test=false", *plan.train_overrides]
+    if not experiment.startswith("dpr"):
+        overrides += plan.rag_overrides
+    return train(compose_config(overrides))
+
+
+def index_stage(out: Path, passages: Path, context_encoder: Path, name: str, plan: DemoPlan) -> Path:
+    """``rag-build-index`` of ``passages`` with ``context_encoder`` into ``out/NAME``; returns that directory."""
+    build_index(passages, context_encoder, out / name, factory="Flat", max_length=plan.index_max_length)
+    return out / name
+
+
+def eval_stage(out: Path, name: str, checkpoint: Path, questions: Path, plan: DemoPlan, *,
+               index: Path | None = None, decoding: str = "greedy") -> dict[str, Any]:
+    """``rag-eval`` of one checkpoint on one question file into ``out/eval/NAME``; returns its metrics."""
+    overrides = [override("checkpoint", checkpoint), override("questions", questions),
+                 override("out_dir", out / "eval" / name), f"decoding={decoding}", "batch_size=64",
+                 *plan.eval_overrides]
+    overrides += [override("index.path", index)] if index is not None else ["mode=closed_book"]
+    metrics = evaluate(compose_eval_config(overrides))
+    shown = {k: round(v, 4) for k, v in metrics.items() if k.startswith(("exact_match", "recall@"))}
+    print(f"{name}: {json.dumps(shown)}", flush=True)
+    return metrics
+
+
+def run_stages(out: Path, plan: DemoPlan, seed: int) -> tuple[dict[str, dict[str, Any]], Stopwatch]:
+    """Every stage in order; returns the metrics of each evaluation and the stage clock."""
+    clock = Stopwatch()
+    world = clock.run("world", "demo world (v1, and v2 where some facts changed)", lambda: make_world(out, plan, seed),
+                      lambda: finished_world(out))
+    clock.run("tiny_models", "tiny checkpoints, tokenizers trained on the world's text",
+              lambda: make_tiny_models(out, world, plan, seed), lambda: finished_tiny_models(out))
+    dpr = clock.run("dpr", "DPR bi-encoder pre-training (rag-train experiment=dpr_demo)",
+                    lambda: train_stage(out, "dpr_demo", "dpr", plan, seed), lambda: finished_training(out / "dpr"))
+    context_encoder = dpr.export_dir / "context_encoder"
+    index_v1 = clock.run("index_v1", "index of the v1 passages (rag-build-index)",
+                         lambda: index_stage(out, world.v1_passages, context_encoder, "index", plan))
+    runs: dict[str, TrainResult] = {}
+    for name, experiment, title in (("rag_sequence", "demo", "RAG-Sequence, joint training"),
+                                    ("rag_token", "demo_rag_token", "RAG-Token, joint training"),
+                                    ("closed_book", "closed_book", "closed-book baseline (no retrieval)")):
+        runs[name] = clock.run(f"train_{name}", f"{title} (rag-train experiment={experiment})",
+                               lambda e=experiment, n=name: train_stage(out, e, n, plan, seed),
+                               lambda n=name: finished_training(out / n))
+    index_v2 = clock.run("index_v2", "index of the v2 passages, same context encoder",
+                         lambda: index_stage(out, world.v2_passages, context_encoder, "index_v2", plan))
+    metrics = clock.run("evaluate", "evaluation on held-out test questions, then after the index swap",
+                        lambda: evaluate_all(out, world, runs, index_v1, index_v2, plan))
+    return metrics, clock
+
+
+def evaluate_all(out: Path, world: WorldFiles, runs: dict[str, TrainResult], index_v1: Path, index_v2: Path,
+                 plan: DemoPlan) -> dict[str, dict[str, Any]]:
+    """Test EM of the three models, and both RAG models on the changed questions before and after the swap."""
+    seq, tok = runs["rag_sequence"].export_dir, runs["rag_token"].export_dir
+    return {
+        "rag_sequence": eval_stage(out, "rag_sequence", seq, world.test, plan, index=index_v1, decoding="fast"),
+        "rag_token": eval_stage(out, "rag_token", tok, world.test, plan, index=index_v1, decoding="greedy"),
+        "closed_book": eval_stage(out, "closed_book", runs["closed_book"].export_dir, world.test, plan),
+        # The changed questions with the old index: the model answers as the v1 world says.
+        "before_swap": eval_stage(out, "before_swap", seq, world.v2_changed_test, plan, index=index_v1,
+                                  decoding="fast"),
+        # Same model, same weights, the v2 index: the answers should follow the new world.
+        "swap": eval_stage(out, "swap", seq, world.v2_changed_test, plan, index=index_v2, decoding="fast"),
+        "swap_rag_token": eval_stage(out, "swap_rag_token", tok, world.v2_changed_test, plan, index=index_v2,
+                                     decoding="greedy"),
+    }
