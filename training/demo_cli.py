@@ -37,7 +37,8 @@ TARGETS = (
 
 
 def collect_results(metrics: dict[str, dict[str, Any]], stage_seconds: dict[str, float], *, seconds: float,
-                    plan: DemoPlan, quick: bool, seed: int, resumed: list[str] | None = None) -> dict[str, Any]:
+                    plan: DemoPlan, quick: bool, seed: int, resumed: list[str] | None = None,
+                    train_seconds: dict[str, float] | None = None) -> dict[str, Any]:
     """The flat results.json record: headline numbers, targets, and per-stage seconds."""
     seq, tok, closed = metrics["rag_sequence"], metrics["rag_token"], metrics["closed_book"]
     before, swap, swap_tok = metrics["before_swap"], metrics["swap"], metrics["swap_rag_token"]
@@ -62,6 +63,7 @@ def collect_results(metrics: dict[str, dict[str, Any]], stage_seconds: dict[str,
         "seconds": round(seconds, 1),
         "minutes": round(seconds / 60, 2),
         "stage_seconds": stage_seconds,
+        "train_seconds": train_seconds or {},  # each model's training, run in parallel within stage `train`
         "resumed_stages": resumed or [],  # reused from an earlier, killed run: their time is not in `seconds`
         "quick": quick,
         "seed": seed,
@@ -108,6 +110,9 @@ def render_table(results: dict[str, Any]) -> str:
                  f"docs per answer: {results['n_docs']}")
     stages = ", ".join(f"{name} {seconds:.0f}s" for name, seconds in results["stage_seconds"].items())
     lines.append(f"stage seconds: {stages}")
+    if results["train_seconds"]:
+        each = ", ".join(f"{name} {seconds:.0f}s" for name, seconds in results["train_seconds"].items())
+        lines.append(f"training in parallel: {each}")
     if results["resumed_stages"]:
         lines.append(f"resumed run: {', '.join(results['resumed_stages'])} reused from an earlier run "
                      "(their time is not counted)")
@@ -139,7 +144,7 @@ def run_demo(out: str | Path | None = None, *, quick: bool = False, seed: int = 
     started = time.perf_counter()
     metrics, clock = run_stages(out, plan, seed)
     results = collect_results(metrics, clock.seconds, seconds=time.perf_counter() - started, plan=plan,
-                              quick=quick, seed=seed, resumed=clock.resumed)
+                              quick=quick, seed=seed, resumed=clock.resumed, train_seconds=clock.each)
     results["run_dir"] = str(out)
     atomic_write_text(out / "results.json", json.dumps(results, indent=2) + "\n")
     atomic_write_text(out / "results.md", "```\n" + render_table(results) + "\n```\n")

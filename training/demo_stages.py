@@ -10,13 +10,20 @@ one run directory per trained model, ``index_v2/`` and ``eval/<name>/``.
 from __future__ import annotations
 
 import json
+import multiprocessing
+import os
 import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+import lightning.pytorch as pl
+import torch
+from tqdm.auto import tqdm
+
 from index.build_cli import build_index
+from index.manifest import atomic_write_text
 from index.passage_files import iter_passages
 from rag_models.factory import CheckpointPaths, TinyBartSize, TinyDprSize, save_tiny_checkpoints
 from training.demo_world import WorldFiles, world_files, write_world
@@ -41,9 +48,13 @@ class DemoPlan:
     rag_overrides: tuple[str, ...] = ()  # added to the RAG and closed-book stages only
     eval_overrides: tuple[str, ...] = ()
     index_max_length: int = 128  # the tiny context encoder's max_passage_length (configs/retriever/tiny.yaml)
+    # Measured on 2 cores: a tiny-model training step takes 1.0-1.5 s with 1 thread and ~3 s with 2 (the
+    # ops are too small to split), so the three models train at once in 1-thread processes.
+    threads: int = 1
 
 
-FULL = DemoPlan()
+# One beam per doc, as the demo's validation decodes: the answers are short names.
+FULL = DemoPlan(eval_overrides=("decoding.num_beams=1",))
 # The smoke run: the smallest world and the test suite's model sizes, a few steps per stage.
 QUICK = DemoPlan(
     n_entities=100, n_dev=10, n_test=20,
@@ -72,6 +83,7 @@ class Stopwatch:
 
     seconds: dict[str, float] = field(default_factory=dict)
     resumed: list[str] = field(default_factory=list)
+    each: dict[str, float] = field(default_factory=dict)  # parallel runs: seconds of each, within its stage
 
     def run(self, name: str, title: str, work: Callable[[], Any], finished: Callable[[], Any] | None = None) -> Any:
         """Run one stage with a header line and time it; reuse its result when ``finished()`` finds one."""
@@ -133,13 +145,83 @@ def make_tiny_models(out: Path, world: WorldFiles, plan: DemoPlan, seed: int) ->
     return save_tiny_checkpoints(out / "tiny", texts, dpr_size=plan.dpr_size, bart_size=plan.bart_size, seed=seed)
 
 
-def train_stage(out: Path, experiment: str, run_name: str, plan: DemoPlan, seed: int) -> TrainResult:
-    """``rag-train experiment=EXPERIMENT`` into ``out/RUN_NAME`` (test split left to the evaluation stage)."""
+def train_overrides(out: Path, experiment: str, run_name: str, plan: DemoPlan, seed: int) -> list[str]:
+    """The overrides of ``rag-train experiment=EXPERIMENT`` into ``out/RUN_NAME`` (test left to evaluation)."""
     overrides = [f"experiment={experiment}", override("paths.demo_dir", out), override("paths.run_dir", out / run_name),
                  f"seed={seed}", "test=false", *plan.train_overrides]
-    if not experiment.startswith("dpr"):
-        overrides += plan.rag_overrides
-    return train(compose_config(overrides))
+    return overrides + ([] if experiment.startswith("dpr") else list(plan.rag_overrides))
+
+
+def train_stage(out: Path, experiment: str, run_name: str, plan: DemoPlan, seed: int) -> TrainResult:
+    """``rag-train experiment=EXPERIMENT`` into ``out/RUN_NAME``, in this process."""
+    return train(compose_config(train_overrides(out, experiment, run_name, plan, seed)))
+
+
+class StepFile(pl.Callback):
+    """Writes the global step to a small file, so that the demo can show the progress of a child process."""
+
+    def __init__(self, path: str, every: int = 5) -> None:
+        self.path = Path(path)
+        self.every = every
+
+    def on_train_batch_end(self, trainer: pl.Trainer, *args: Any) -> None:
+        if trainer.is_global_zero and trainer.global_step % self.every == 0:
+            atomic_write_text(self.path, str(trainer.global_step))
+
+
+def _train_child(out: Path, experiment: str, run_name: str, plan: DemoPlan, seed: int) -> None:
+    """Body of one training process: 1 thread, output to <run>/train.log, progress to <run>/step."""
+    torch.set_num_threads(plan.threads)
+    (out / run_name).mkdir(parents=True, exist_ok=True)
+    log = open(out / run_name / "train.log", "w", encoding="utf-8")  # noqa: SIM115 (lives as long as the process)
+    os.dup2(log.fileno(), 1)
+    os.dup2(log.fileno(), 2)
+    step_file = override("+callbacks.demo_progress.path", out / run_name / "step")
+    overrides = train_overrides(out, experiment, run_name, plan, seed)
+    overrides += ["+callbacks.demo_progress._target_=training.demo_stages.StepFile", step_file,
+                  "trainer.enable_progress_bar=false"]
+    train(compose_config(overrides))
+
+
+def _failed(run_dir: Path, code: int | None) -> RuntimeError:
+    """The error for a training process that exited badly, with the end of its log."""
+    log = run_dir / "train.log"
+    tail = log.read_text(encoding="utf-8", errors="replace").splitlines()[-25:] if log.is_file() else []
+    return RuntimeError(f"training in {run_dir} failed (exit code {code}); end of {log}:\n" + "\n".join(tail))
+
+
+def train_in_parallel(out: Path, jobs: dict[str, str], plan: DemoPlan, seed: int) -> dict[str, float]:
+    """Train several experiments at once, one process each (``jobs``: run name -> experiment).
+
+    Shows one progress bar per run; returns each run's seconds. A failing run stops the others.
+    """
+    context = multiprocessing.get_context("spawn")
+    started = time.perf_counter()
+    procs, bars, seconds = {}, {}, {}
+    for position, (name, experiment) in enumerate(jobs.items()):
+        total = compose_config(train_overrides(out, experiment, name, plan, seed)).trainer.max_steps
+        bars[name] = tqdm(total=total, desc=f"{name:>12}", unit="step", position=position)
+        procs[name] = context.Process(target=_train_child, args=(out, experiment, name, plan, seed), name=name)
+        procs[name].start()
+    try:
+        while len(seconds) < len(procs):
+            time.sleep(1.0)
+            for name, proc in procs.items():
+                step_file = out / name / "step"
+                if step_file.is_file():
+                    bars[name].update(int(step_file.read_text() or 0) - bars[name].n)
+                if name not in seconds and not proc.is_alive():
+                    if proc.exitcode != 0:
+                        raise _failed(out / name, proc.exitcode)
+                    seconds[name] = round(time.perf_counter() - started, 1)
+                    bars[name].update(bars[name].total - bars[name].n)
+    finally:
+        for name, proc in procs.items():
+            if proc.is_alive():
+                proc.terminate()
+            proc.join()
+            bars[name].close()
+    return seconds
 
 
 def index_stage(out: Path, passages: Path, context_encoder: Path, name: str, plan: DemoPlan) -> Path:
@@ -163,6 +245,7 @@ def eval_stage(out: Path, name: str, checkpoint: Path, questions: Path, plan: De
 
 def run_stages(out: Path, plan: DemoPlan, seed: int) -> tuple[dict[str, dict[str, Any]], Stopwatch]:
     """Every stage in order; returns the metrics of each evaluation and the stage clock."""
+    torch.set_num_threads(plan.threads)
     clock = Stopwatch()
     world = clock.run("world", "demo world (v1, and v2 where some facts changed)", lambda: make_world(out, plan, seed),
                       lambda: finished_world(out))
@@ -173,13 +256,12 @@ def run_stages(out: Path, plan: DemoPlan, seed: int) -> tuple[dict[str, dict[str
     context_encoder = dpr.export_dir / "context_encoder"
     index_v1 = clock.run("index_v1", "index of the v1 passages (rag-build-index)",
                          lambda: index_stage(out, world.v1_passages, context_encoder, "index", plan))
-    runs: dict[str, TrainResult] = {}
-    for name, experiment, title in (("rag_sequence", "demo", "RAG-Sequence, joint training"),
-                                    ("rag_token", "demo_rag_token", "RAG-Token, joint training"),
-                                    ("closed_book", "closed_book", "closed-book baseline (no retrieval)")):
-        runs[name] = clock.run(f"train_{name}", f"{title} (rag-train experiment={experiment})",
-                               lambda e=experiment, n=name: train_stage(out, e, n, plan, seed),
-                               lambda n=name: finished_training(out / n))
+    jobs = {"rag_sequence": "demo", "rag_token": "demo_rag_token", "closed_book": "closed_book"}
+    todo = {name: experiment for name, experiment in jobs.items() if finished_training(out / name) is None}
+    clock.run("train", "RAG-Sequence and RAG-Token (joint training) and the closed-book baseline, in parallel "
+              "(rag-train experiment=demo | demo_rag_token | closed_book)",
+              lambda: clock.each.update(train_in_parallel(out, todo, plan, seed)), lambda: None if todo else True)
+    runs = {name: finished_training(out / name) for name in jobs}
     index_v2 = clock.run("index_v2", "index of the v2 passages, same context encoder",
                          lambda: index_stage(out, world.v2_passages, context_encoder, "index_v2", plan))
     metrics = clock.run("evaluate", "evaluation on held-out test questions, then after the index swap",
