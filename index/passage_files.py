@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Iterator
 
-from rag_models.atomic import atomic_text_writer  # noqa: F401 (re-exported)
+from rag_models.atomic import atomic_text_writer
 from rag_models.errors import InputError
 
 TSV_COLUMNS = ("id", "text", "title")

@@ -16,7 +16,7 @@ import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from rag_models.atomic import atomic_directory  # noqa: F401 (re-exported)
+from rag_models.atomic import atomic_directory
 from rag_models.errors import InputError
 
 if TYPE_CHECKING:

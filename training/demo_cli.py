@@ -21,7 +21,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from index.manifest import atomic_write_text
+from rag_models.atomic import atomic_write_text
 from rag_models.errors import InputError
 from training.demo_stages import FULL, QUICK, DemoPlan, run_stages
 

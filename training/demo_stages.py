@@ -23,7 +23,7 @@ import torch
 from tqdm.auto import tqdm
 
 from index.build_cli import build_index
-from index.manifest import atomic_write_text
+from rag_models.atomic import atomic_write_text
 from index.passage_files import iter_passages
 from rag_models.factory import CheckpointPaths, TinyBartSize, TinyDprSize, save_tiny_checkpoints
 from training.demo_world import WorldFiles, world_files, write_world

@@ -17,7 +17,8 @@ import random
 from dataclasses import dataclass
 from pathlib import Path
 
-from index.passage_files import Passage, atomic_text_writer, write_passages_tsv
+from index.passage_files import Passage, write_passages_tsv
+from rag_models.atomic import atomic_text_writer
 from rag_models.errors import InputError
 from training.demo_world_text import (
     ATTRIBUTES,

@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.optim import Optimizer
 
-from rag_models.checkpoint import atomic_directory
+from rag_models.atomic import atomic_directory
 from rag_models.errors import InputError
 from rag_models.retriever import load_encoder, tokenize_passages
 from training.dpr_data import passage_key

@@ -24,8 +24,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
-from index.manifest import atomic_write_text
-from index.passage_files import atomic_text_writer
+from rag_models.atomic import atomic_text_writer, atomic_write_text
 from decoding.answer import DecodingSettings, answer
 from rag_models.errors import InputError
 from rag_models.rag import RagModel

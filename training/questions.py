@@ -13,7 +13,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
-from index.passage_files import Passage, atomic_text_writer, iter_lines
+from index.passage_files import Passage, iter_lines
+from rag_models.atomic import atomic_text_writer
 from rag_models.errors import InputError
 
 NQ_FIX = 'Each line must be one object {"question": "...", "answer": ["...", ...]}'

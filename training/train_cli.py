@@ -22,7 +22,7 @@ from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from index.manifest import atomic_write_text
+from rag_models.atomic import atomic_write_text
 from rag_models.errors import InputError
 from training.checkpoint_io import safe_torch_load
 
