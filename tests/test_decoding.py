@@ -32,17 +32,8 @@ B, K, L = 2, 3, 10
 CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "decoding"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One torch thread: on the shared 2-core machine, two threads waiting on each other made tests 7x slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
-def tiny(one_thread):
+def tiny():
     """A tiny BART whose answers depend on the docs (init_std 0.1), BART-large's forced BOS, unpadded inputs."""
     size = TinyBartSize(d_model=64, layers=2, heads=2, ffn_dim=128, vocab_size=300, init_std=0.1)
     bart = tiny_bart(train_bart_tokenizer(TEXTS, 300), size, seed=0)
@@ -214,7 +205,7 @@ def test_mismatched_inputs_raise_input_error(tiny):
 
 
 @pytest.fixture(scope="module")
-def rag_parts(tmp_path_factory, one_thread):
+def rag_parts(tmp_path_factory):
     """A RagModel checkpoint (tiny, untrained) and a Flat index over 12 passages."""
     from index.build_cli import build_index
     from index.retrieval import Retriever

@@ -31,17 +31,8 @@ MAX_LENGTH = 9
 BART = TinyBartSize(d_model=64, layers=2, heads=2, ffn_dim=128, vocab_size=300, init_std=0.1)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One torch thread: on the shared 2-core machine, two threads waiting on each other made these tests 7x slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
-def shared(one_thread):
+def shared():
     """Tiny BART shared by our decoders and transformers' two RAG models, plus unpadded inputs."""
     tokenizer = train_bart_tokenizer(TEXTS, 300)
     bart = tiny_bart(tokenizer, BART, seed=0)
