@@ -18,7 +18,6 @@ from index.manifest import (
     IDS_NAME,
     VECTORS_NAME,
     IndexManifest,
-    atomic_directory,
     check_k,
     check_queries,
     gather_vectors,
@@ -26,6 +25,7 @@ from index.manifest import (
     open_vectors,
     write_vectors,
 )
+from rag_models.atomic import atomic_directory
 from rag_models.errors import InputError
 
 _ADD_CHUNK = 65536  # rows added per faiss call: bounded RAM when the vectors are a memmap

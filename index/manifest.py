@@ -22,7 +22,7 @@ from typing import Callable
 
 import numpy as np
 
-from rag_models.atomic import atomic_directory, atomic_save_npy, atomic_write_text, publish_directory  # noqa: F401 (re-exported)
+from rag_models.atomic import atomic_write_text
 from rag_models.errors import InputError
 
 FORMAT_VERSION = 1

@@ -17,7 +17,6 @@ from tqdm import tqdm
 from index.manifest import (
     VECTORS_NAME,
     IndexManifest,
-    atomic_directory,
     check_k,
     check_queries,
     gather_vectors,
@@ -25,6 +24,7 @@ from index.manifest import (
     open_vectors,
     write_vectors,
 )
+from rag_models.atomic import atomic_directory
 from rag_models.errors import InputError
 
 EXACT_FACTORY = "exact"  # the manifest's factory for an index that is only vectors
