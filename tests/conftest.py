@@ -27,5 +27,5 @@ NQ_DEV = SHARED_DIR / "data" / "nq_open" / "NQ-open.dev.jsonl"
 def require_nq_dev() -> Path:
     """Path of the real NQ-Open dev file, or skip the test saying why."""
     if not NQ_DEV.is_file():
-        pytest.skip(f"real NQ-Open dev file not found at ../shared/data/nq_open/ (absent in a user's clone)")
+        pytest.skip("real NQ-Open dev file not found at ../shared/data/nq_open/ (absent in a user's clone)")
     return NQ_DEV

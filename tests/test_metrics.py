@@ -6,10 +6,13 @@ import unicodedata
 from pathlib import Path
 
 import pytest
+import torch
 
 from conftest import require_nq_dev
+from rag_models.docs import RetrievedDocs
 from rag_models.errors import InputError
 from training.metrics import (
+    first_answer_rank,
     answer_in_text,
     exact_match,
     f1_score,
@@ -19,6 +22,7 @@ from training.metrics import (
     score_predictions,
 )
 from training.questions import QAExample, read_questions
+from training.rag_predict import Prediction, score_batch
 from training.score_cli import main as score_main
 from training.score_cli import score_files
 
@@ -111,6 +115,13 @@ def test_recall_at_k_counts_first_hit_and_skips_deeper_k():
     recall = recall_at_k(answers, texts, ks=(1, 2, 3, 5))
     assert recall == {"recall@1": pytest.approx(1 / 3), "recall@2": pytest.approx(1 / 3),
                       "recall@3": pytest.approx(2 / 3)}
+
+
+def test_first_answer_rank_reads_the_text_not_the_title():
+    """DPR's convention, shared by rag-eval and training's val/recall@k: a title naming the answer is no evidence."""
+    assert first_answer_rank(["Paris"], ["the capital of France", "Paris is large"]) == 1
+    assert first_answer_rank(["Paris"], ["no", "none"]) is None
+    assert first_answer_rank([r"par.s"], ["x", "paris"], regex=True) == 1
 
 
 # --- score_predictions ------------------------------------------------------------------------------------
@@ -225,3 +236,11 @@ def test_cli_missing_and_regex(tmp_path, refs_file, capsys):
     bad_regex = _write_jsonl(tmp_path / "r.jsonl", [{"question": "who is here", "answer": ["(Ann"]}])
     code, _, err = _run_cli(capsys, "--references", str(bad_regex), "--predictions", str(preds), "--regex")
     assert code == 2 and "r.jsonl" in err and "not a valid regular expression" in err
+
+
+def test_validation_recall_ignores_titles_as_rag_eval_does():
+    """Training's val/recall@k (score_batch) counts a hit only in the passage text, like rag-eval's recall@k."""
+    docs = RetrievedDocs(ids=torch.tensor([[0, 1]]), scores=torch.zeros(1, 2), vectors=torch.zeros(1, 2, 4),
+                         titles=[["Paris", "Lyon"]], texts=[["a city on a river", "Paris is near"]])
+    sums = score_batch([Prediction("where?", "Paris")], [["Paris"]], torch.tensor([True]), docs, (1, 2))
+    assert sums["recall@1"] == 0.0 and sums["recall@2"] == 1.0 and sums["em"] == 1.0

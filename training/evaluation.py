@@ -28,7 +28,7 @@ from rag_models.atomic import atomic_text_writer, atomic_write_text
 from decoding.answer import DecodingSettings, answer
 from rag_models.errors import InputError
 from rag_models.rag import RagModel
-from training.metrics import answer_in_text, exact_match, score_predictions
+from training.metrics import exact_match, first_answer_rank, score_predictions
 from training.questions import QAExample, read_questions
 from training.rag_predict import predict_closed_book
 
@@ -171,11 +171,6 @@ def load_parts(job: EvalJob, device: torch.device) -> EvalParts:
     return EvalParts(model, retriever, n_docs, min(max(n_docs, job.recall_depth), len(retriever)))
 
 
-def _first_answer_rank(answers: tuple[str, ...], texts: list[str]) -> int | None:
-    """0-based rank of the first passage whose text contains a reference answer (DPR's convention), or None."""
-    return next((rank for rank, text in enumerate(texts) if answer_in_text(answers, text)), None)
-
-
 def _decode(questions: list[str], docs: Any, parts: EvalParts, job: EvalJob, device: torch.device) -> list[Any]:
     """Answers (text, score, titles, posteriors) from the first n_docs of ``docs``, or closed-book without docs."""
     if docs is None:  # the generator alone reads the question: plain greedy / beam search
@@ -203,7 +198,7 @@ def answer_batch(batch: list[QAExample], parts: EvalParts, job: EvalJob, device:
             rows = docs.ids[i, : parts.n_docs].tolist()
             record.update(doc_ids=parts.retriever.passages.ids(rows), titles=list(result.titles),
                           doc_posteriors=[round(float(p), 6) for p in result.posteriors],
-                          answer_rank=_first_answer_rank(example.answers, docs.texts[i]))
+                          answer_rank=first_answer_rank(example.answers, docs.texts[i]))
         if example.stale_answers:
             record.update(stale_answers=list(example.stale_answers),
                           correct_stale=exact_match(result.text, example.stale_answers))

@@ -158,6 +158,15 @@ def score_predictions(references: Sequence[Any], predictions: Mapping[str, str],
     }
 
 
+def first_answer_rank(answers: Sequence[str], texts: Sequence[str], *, regex: bool = False) -> int | None:
+    """0-based rank of the first passage text that contains a reference answer, or None.
+
+    DPR's convention, used by training's ``val/recall@k`` and by ``rag-eval`` alike:
+    the passage text only, not its title (a title that names the answer is not evidence).
+    """
+    return next((rank for rank, text in enumerate(texts) if answer_in_text(answers, text, regex=regex)), None)
+
+
 def recall_at_k(answers_per_question: Sequence[Sequence[str]], texts_per_question: Sequence[Sequence[str]],
                 ks: Sequence[int], *, regex: bool = False) -> dict[str, float]:
     """Fraction of questions with an answer in their top-k passages, for each k up to the retrieved depth.
@@ -170,9 +179,7 @@ def recall_at_k(answers_per_question: Sequence[Sequence[str]], texts_per_questio
         return {}
     depth = min(len(texts) for texts in texts_per_question)
     # Position of the first passage that holds an answer, or None: one pass serves every k.
-    first_hit = []
-    for answers, texts in zip(answers_per_question, texts_per_question):
-        hit = next((rank for rank, text in enumerate(texts) if answer_in_text(answers, text, regex=regex)), None)
-        first_hit.append(hit)
+    first_hit = [first_answer_rank(answers, texts, regex=regex)
+                 for answers, texts in zip(answers_per_question, texts_per_question)]
     total = len(first_hit)
     return {f"recall@{k}": sum(h is not None and h < k for h in first_hit) / total for k in ks if k <= depth}

@@ -21,7 +21,7 @@ from decoding.answer import answer
 from decoding.rag_sequence import rag_sequence_generate
 from rag_models.docs import RetrievedDocs
 from rag_models.rag import RagModel
-from training.metrics import answer_in_text, exact_match, f1_score
+from training.metrics import exact_match, f1_score, first_answer_rank
 
 
 @dataclass
@@ -92,8 +92,8 @@ def score_batch(predictions: list[Prediction], answers: list[list[str]], real: T
         sums["f1"] += f1_score(prediction.text, refs)
         if docs is None:
             continue
-        # Standard open-QA retrieval accuracy: an answer string occurs in a top-k passage.
-        hit = next((r for r, text in enumerate(docs.texts[i]) if answer_in_text(refs, f"{docs.titles[i][r]} {text}")), None)
+        # Standard open-QA retrieval accuracy: an answer string occurs in a top-k passage (as rag-eval counts it).
+        hit = first_answer_rank(refs, docs.texts[i])
         for k in recall_ks:
             if k <= depth:
                 sums[f"recall@{k}"] += float(hit is not None and hit < k)
