@@ -5,7 +5,8 @@ A saved RagModel is a directory:
     question_encoder/   DPR (or other) encoder + its tokenizer; pooling in config.json
     generator/          the seq2seq model + its tokenizer
     context_encoder/    only when the model has one (end-to-end training, or kept for re-indexing)
-    rag_config.json     marginalization, n_docs, lengths, ... (RagModel.settings())
+    rag_config.json     marginalization, n_docs, lengths, ... (RagModel.settings()), and "mode":
+                        "rag", or "closed_book" for a generator trained to read the question alone
 
 It is written to a temporary directory beside the target and renamed into place,
 so a run killed mid-save never leaves a directory that looks complete.
@@ -23,12 +24,18 @@ if TYPE_CHECKING:
     from rag_models.rag import RagModel
 
 CONFIG_NAME = "rag_config.json"
+MODES = ("rag", "closed_book")  # how a saved model was trained to read: with retrieved passages, or without
 # Settings that belong to the generator wrapper, not to RagModel itself.
 GENERATOR_SETTINGS = ("max_source_length", "max_target_length", "input_format")
 
 
-def save_rag_model(model: "RagModel", out_dir: str | Path) -> Path:
-    """Write ``model`` as a RagModel directory (see the module docstring), atomically."""
+def save_rag_model(model: "RagModel", out_dir: str | Path, *, mode: str = "rag") -> Path:
+    """Write ``model`` as a RagModel directory (see the module docstring), atomically.
+
+    ``mode`` records how it was trained, so that rag-eval evaluates it the same way by default.
+    """
+    if mode not in MODES:
+        raise InputError(f"unknown mode {mode!r}", setting="mode", fix=f"use one of {', '.join(MODES)}")
     with atomic_directory(out_dir) as tmp:
         for name, encoder, tokenizer in (
             ("question_encoder", model.question_encoder, model.question_tokenizer),
@@ -39,7 +46,7 @@ def save_rag_model(model: "RagModel", out_dir: str | Path) -> Path:
                 if tokenizer is not None:
                     tokenizer.save_pretrained(tmp / name)
         model.generator.save_pretrained(str(tmp / "generator"))
-        (tmp / CONFIG_NAME).write_text(json.dumps(model.settings(), indent=2) + "\n")
+        (tmp / CONFIG_NAME).write_text(json.dumps({**model.settings(), "mode": mode}, indent=2) + "\n")
     return Path(out_dir)
 
 
@@ -53,6 +60,7 @@ def load_rag_model(model_dir: str | Path, **overrides: Any) -> "RagModel":
         settings = json.loads(config_path.read_text())
     except json.JSONDecodeError as err:
         raise InputError(f"unreadable JSON ({err.msg})", path=config_path, line=err.lineno, fix="re-save the model") from err
+    settings.pop("mode", None)  # how it was trained (saved_mode), not a setting of the model
     settings.update(overrides)
     context = model_dir / "context_encoder"
     return build_rag_model(
@@ -61,6 +69,16 @@ def load_rag_model(model_dir: str | Path, **overrides: Any) -> "RagModel":
         context_encoder=str(context) if context.is_dir() else None,
         **settings,
     )
+
+
+def saved_mode(model_dir: str | Path) -> str:
+    """How the model in ``model_dir`` was trained: "rag" or "closed_book" ("rag" when not recorded or unreadable)."""
+    try:
+        settings = json.loads((Path(model_dir) / CONFIG_NAME).read_text())
+    except (OSError, json.JSONDecodeError):
+        return "rag"  # loading the model reports a missing or broken directory with its own clear error
+    mode = settings.get("mode", "rag") if isinstance(settings, dict) else "rag"
+    return mode if mode in MODES else "rag"
 
 
 def build_rag_model(

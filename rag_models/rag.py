@@ -219,9 +219,12 @@ class RagModel(nn.Module):
         vectors = self.context_encoder(passage_ids, passage_mask)  # (B*K, D)
         return vectors.view(batch, k, -1)  # (B, K, D)
 
-    def save_pretrained(self, out_dir: str | Path) -> None:
-        """Write question_encoder/, generator/, context_encoder/ (if any) and rag_config.json, atomically."""
-        save_rag_model(self, out_dir)
+    def save_pretrained(self, out_dir: str | Path, *, mode: str = "rag") -> None:
+        """Write question_encoder/, generator/, context_encoder/ (if any) and rag_config.json, atomically.
+
+        ``mode="closed_book"`` records a generator trained without retrieval (rag-eval then defaults to it).
+        """
+        save_rag_model(self, out_dir, mode=mode)
 
     @classmethod
     def from_pretrained(cls, model_dir: str | Path, **overrides: Any) -> "RagModel":

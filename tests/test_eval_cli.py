@@ -8,9 +8,10 @@ from pathlib import Path
 import pytest
 
 from index.build_cli import build_index
-from rag_models.checkpoint import build_rag_model
+from rag_models.checkpoint import build_rag_model, saved_mode
 from rag_models.errors import InputError
 from rag_models.factory import TinyDprSize, save_tiny_checkpoints
+from rag_models.rag import RagModel
 from training.eval_cli import compose_eval_config, evaluate
 from training.eval_cli import main as eval_main
 from training.score_cli import score_files
@@ -107,6 +108,24 @@ def test_closed_book_and_beam(tiny, tmp_path):
     assert "doc_ids" not in records[0]
     beam = evaluate(compose_eval_config(_overrides(tiny, tmp_path / "beam", "decoding=beam", "limit=4")))
     assert beam["strategy"] == "beam" and beam["num_total"] == 4
+
+
+def test_mode_defaults_to_how_the_checkpoint_was_trained(tiny, tmp_path):
+    """A closed-book export says so in rag_config.json: rag-eval then needs neither mode= nor an index."""
+    model = RagModel.from_pretrained(tiny["checkpoint"])
+    model.save_pretrained(tmp_path / "cb_model", mode="closed_book")
+    assert saved_mode(tmp_path / "cb_model") == "closed_book" and saved_mode(tiny["checkpoint"]) == "rag"
+    assert RagModel.from_pretrained(tmp_path / "cb_model").n_docs == model.n_docs  # "mode" is not a model setting
+    overrides = [f"checkpoint={tmp_path / 'cb_model'}", f"questions={tiny['setup'].world.test}",
+                 f"out_dir={tmp_path / 'cb'}", "limit=4", "batch_size=4", "progress=false"]
+    assert evaluate(compose_eval_config(overrides))["mode"] == "closed_book"
+    # An explicit mode still wins: the closed-book generator may be evaluated with retrieval.
+    with_docs = evaluate(compose_eval_config([*overrides[:2], f"out_dir={tmp_path / 'rag'}", *overrides[3:],
+                                              "mode=rag", f"index.path={tiny['index']}"]))
+    assert with_docs["mode"] == "rag" and "recall@1" in with_docs
+    # A RAG checkpoint without an index is still refused, naming the setting.
+    with pytest.raises(InputError, match="index.path"):
+        evaluate(compose_eval_config([f"checkpoint={tiny['checkpoint']}", *overrides[1:]]))
 
 
 def test_two_processes_give_the_same_files(tiny, one_process, tmp_path):

@@ -26,13 +26,13 @@ from tqdm.auto import tqdm
 
 from rag_models.atomic import atomic_text_writer, atomic_write_text
 from decoding.answer import DecodingSettings, answer
+from rag_models.checkpoint import MODES, saved_mode
 from rag_models.errors import InputError
 from rag_models.rag import RagModel
 from training.metrics import exact_match, first_answer_rank, score_predictions
 from training.questions import QAExample, read_questions
 from training.rag_predict import predict_closed_book
 
-MODES = ("rag", "closed_book")
 RECALL_KS = (1, 5, 20, 100)
 
 
@@ -86,7 +86,7 @@ def job_from_config(cfg: DictConfig) -> EvalJob:
         index_path=None if index_path is None else Path(index_path),
         index_options=index,
         decoding=decoding,
-        mode=cfg.get("mode", "rag"),
+        mode=cfg.get("mode") or saved_mode(cfg.get("checkpoint") or "."),  # null: as the checkpoint was trained
         n_docs=cfg.get("n_docs") or decoding_n_docs,
         split=cfg.get("split", "validation"),
         batch_size=int(cfg.get("batch_size", 16)),

@@ -27,6 +27,7 @@ from torch.optim import Optimizer
 
 from decoding.answer import DecodingSettings
 from index.retrieval import Retriever
+from rag_models.checkpoint import MODES
 from rag_models.docs import RetrievedDocs
 from rag_models.errors import InputError
 from rag_models.marginalize import rag_sequence_nll
@@ -41,8 +42,6 @@ from training.rag_predict import (
     retrieve,
     score_batch,
 )
-
-MODES = ("rag", "closed_book")
 
 
 class RagLitModule(pl.LightningModule):
@@ -215,5 +214,5 @@ class RagLitModule(pl.LightningModule):
     # ---- export -------------------------------------------------------------------------------
     def export_pretrained(self, out_dir: str | Path) -> Path:
         """Write the trained RagModel as a directory rag-eval / rag-ask load (atomic)."""
-        self.model.save_pretrained(out_dir)
+        self.model.save_pretrained(out_dir, mode=self.mode)
         return Path(out_dir)
