@@ -56,6 +56,7 @@ class TinyBartSize:
 
     init_std 0.06 rather than BART's 0.02: measured on the demo world, a tiny BART
     with 0.02 collapses to one constant answer; with 0.06 it learns to copy.
+    dropout is BART's 0.1 here; the demo turns it off (training/demo_stages.py says why).
     """
 
     d_model: int = 128
@@ -65,6 +66,7 @@ class TinyBartSize:
     max_positions: int = 256
     vocab_size: int = 1000
     init_std: float = 0.06
+    dropout: float = 0.1
 
 
 @dataclass(frozen=True)
@@ -103,6 +105,7 @@ def tiny_bart(tokenizer: PreTrainedTokenizerBase, size: TinyBartSize, seed: int)
         decoder_ffn_dim=size.ffn_dim,
         max_position_embeddings=size.max_positions,
         init_std=size.init_std,
+        dropout=size.dropout,
         pad_token_id=tokenizer.pad_token_id,
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,

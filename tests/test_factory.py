@@ -59,6 +59,18 @@ def test_tiny_models_are_seeded():
     assert bart.config.init_std == pytest.approx(0.06)
 
 
+def test_tiny_bart_dropout_setting_is_saved_and_used():
+    """The demo trains its reader without dropout: the rate must reach the saved config and the forward pass."""
+    tok = train_bart_tokenizer(TEXTS, 300)
+    ids = torch.tensor([tok("the town lies on a river")["input_ids"]])
+    for rate, same in ((0.0, True), (0.5, False)):
+        bart = tiny_bart(tok, TinyBartSize(d_model=32, layers=1, heads=2, ffn_dim=64, vocab_size=300, dropout=rate), seed=0)
+        assert bart.config.dropout == rate
+        bart.train()
+        first, second = (bart(input_ids=ids, decoder_input_ids=ids).logits for _ in range(2))
+        assert torch.equal(first, second) is same
+
+
 @pytest.mark.parametrize("role", ["question", "context"])
 def test_encoder_round_trip_gives_identical_outputs(checkpoints, role):
     path = checkpoints.question_encoder if role == "question" else checkpoints.context_encoder

@@ -54,7 +54,11 @@ class DemoPlan:
 
 
 # One beam per doc, as the demo's validation decodes: the answers are short names.
-FULL = DemoPlan(eval_overrides=("decoding.num_beams=1",))
+# The reader: dropout off and a 2,000-piece BPE vocabulary. Measured on the dev questions (reader given
+# the gold passage, 1 thread): dev EM at steps 200 / 300 was 0.63 / 0.93 with dropout 0.1 and vocab 1000,
+# 0.77 / 0.96 with dropout 0, 0.96 / 1.00 with dropout 0 and vocab 2000 (inputs ~7% shorter as well);
+# dropout also costs ~12% of a step on CPU. A deterministic copying task has nothing to regularize.
+FULL = DemoPlan(bart_size=TinyBartSize(vocab_size=2000, dropout=0.0), eval_overrides=("decoding.num_beams=1",))
 # The smoke run: the smallest world and the test suite's model sizes, a few steps per stage.
 QUICK = DemoPlan(
     n_entities=100, n_dev=10, n_test=20,
@@ -236,7 +240,8 @@ def eval_stage(out: Path, name: str, checkpoint: Path, questions: Path, plan: De
     overrides = [override("checkpoint", checkpoint), override("questions", questions),
                  override("out_dir", out / "eval" / name), f"decoding={decoding}", "batch_size=64",
                  *plan.eval_overrides]
-    overrides += [override("index.path", index)] if index is not None else ["mode=closed_book"]
+    # No index: the closed-book checkpoint, which rag-eval evaluates without retrieval (its rag_config.json says so).
+    overrides += [override("index.path", index)] if index is not None else []
     metrics = evaluate(compose_eval_config(overrides))
     shown = {k: round(v, 4) for k, v in metrics.items() if k.startswith(("exact_match", "recall@"))}
     print(f"{name}: {json.dumps(shown)}", flush=True)
