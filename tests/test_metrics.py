@@ -12,10 +12,10 @@ from conftest import require_nq_dev
 from rag_models.docs import RetrievedDocs
 from rag_models.errors import InputError
 from training.metrics import (
-    first_answer_rank,
     answer_in_text,
     exact_match,
     f1_score,
+    first_answer_rank,
     normalize_answer,
     recall_at_k,
     regex_match,

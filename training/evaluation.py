@@ -86,7 +86,7 @@ def job_from_config(cfg: DictConfig) -> EvalJob:
         index_path=None if index_path is None else Path(index_path),
         index_options=index,
         decoding=decoding,
-        mode=cfg.get("mode") or saved_mode(cfg.get("checkpoint") or "."),  # null: as the checkpoint was trained
+        mode=cfg.get("mode") or saved_mode(cfg.checkpoint),  # null: as the checkpoint was trained
         n_docs=cfg.get("n_docs") or decoding_n_docs,
         split=cfg.get("split", "validation"),
         batch_size=int(cfg.get("batch_size", 16)),

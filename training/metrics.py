@@ -171,8 +171,8 @@ def recall_at_k(answers_per_question: Sequence[Sequence[str]], texts_per_questio
                 ks: Sequence[int], *, regex: bool = False) -> dict[str, float]:
     """Fraction of questions with an answer in their top-k passages, for each k up to the retrieved depth.
 
-    ``texts_per_question[i]`` are question i's passages best first (title and text
-    joined as the caller likes). Keys are ``recall@k``; a k deeper than what was
+    ``texts_per_question[i]`` are question i's passage texts best first (without titles,
+    as :func:`first_answer_rank` expects). Keys are ``recall@k``; a k deeper than what was
     retrieved for some question is left out rather than reported optimistically.
     """
     if not answers_per_question:
