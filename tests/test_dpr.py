@@ -49,7 +49,7 @@ def test_contrastive_loss_masks_duplicates_of_the_positive(tiny: TinySetup):
 
 def test_dpr_training_raises_recall_and_exports_loadable_encoders(tiny: TinySetup, tmp_path: Path):
     overrides = [*tiny_dpr_overrides(tiny, tmp_path), "logger=csv", "callbacks.lr_monitor=null",
-                 "trainer.max_steps=90", "trainer.val_check_interval=30", "data.batch_size=16", "module.lr=1e-2",
+                 "trainer.max_steps=150", "trainer.val_check_interval=50", "data.batch_size=16", "module.lr=1e-2",
                  "module.warmup_steps=5"]
     result = train(compose_config(["experiment=dpr_demo", *overrides]))
     import csv
@@ -57,8 +57,10 @@ def test_dpr_training_raises_recall_and_exports_loadable_encoders(tiny: TinySetu
     with open(tmp_path / "csv" / "metrics.csv", newline="") as handle:
         recalls = [float(r["val/recall@5"]) for r in csv.DictReader(handle) if r.get("val/recall@5")]
     assert len(recalls) == 3
-    # 100 passages, dev towns unseen in training: chance recall@5 is 0.05. Measured: 0.57 after 100 steps.
-    assert recalls[-1] >= 0.3 and recalls[-1] > recalls[0], recalls
+    # 100 passages, dev towns unseen in training: chance recall@5 is 0.05. Results vary from process to
+    # process (tokenizers' WordPiece trainer breaks frequency ties in hash-map order, so token ids differ):
+    # after 90 steps one run in ~12 ended at 0.26; after 150 steps six runs ended at 0.70-0.98.
+    assert recalls[-1] >= 0.5 and recalls[-1] > recalls[0], recalls
 
     encoder, tokenizer = load_encoder(result.export_dir / "context_encoder", role="context")
     assert encoder.pooling == "mean"  # dpr_demo's pooling travels with the checkpoint
