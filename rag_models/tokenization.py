@@ -9,6 +9,7 @@ transformers classes the real checkpoints use, so `save_pretrained` /
 from __future__ import annotations
 
 import json
+from collections import Counter, defaultdict
 from collections.abc import Iterable
 
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
@@ -24,13 +25,69 @@ BPE_SPECIALS = ["<s>", "<pad>", "</s>", "<unk>", "<mask>"]  # BART's ids 0..3 or
 
 
 def train_wordpiece_vocab(texts: Iterable[str], vocab_size: int = 1000) -> dict[str, int]:
-    """Train a lower-cased BERT-style WordPiece vocabulary; returns token -> id."""
-    tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
-    tok.normalizer = normalizers.BertNormalizer(lowercase=True)
-    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
-    trainer = trainers.WordPieceTrainer(vocab_size=vocab_size, special_tokens=WORDPIECE_SPECIALS)
-    tok.train_from_iterator(texts, trainer)
-    return tok.get_vocab()
+    """Train a lower-cased BERT-style WordPiece vocabulary; returns token -> id.
+
+    BERT's normalizer and pre-tokenizer split the words; then, as WordPiece training does,
+    each word starts as characters (``##`` marks a word-internal one) and the most frequent
+    adjacent pair is merged until the vocabulary is full. Written here rather than with
+    ``tokenizers``' WordPieceTrainer because that one breaks ties between equally frequent
+    pairs in hash-map order, which changes per process: the same corpus gave different
+    vocabularies, so the same seed gave different models. Ties here go to the shorter, then
+    the lexicographically larger pair: the same texts always give the same ids.
+    """
+    normalizer = normalizers.BertNormalizer(lowercase=True)
+    pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    counts: Counter[str] = Counter()
+    for text in texts:
+        counts.update(word for word, _ in pre_tokenizer.pre_tokenize_str(normalizer.normalize_str(text)))
+    return _merge_pieces(counts, vocab_size)
+
+
+def _merge_pieces(counts: Counter[str], vocab_size: int) -> dict[str, int]:
+    """WordPiece vocabulary of word ``counts``: specials, every character, then merged pieces in merge order."""
+    splits = {word: [word[0]] + ["##" + ch for ch in word[1:]] for word in counts}
+    vocab = WORDPIECE_SPECIALS + sorted({piece for pieces in splits.values() for piece in pieces} - set(WORDPIECE_SPECIALS))
+    known = set(vocab)
+    pair_counts: Counter[tuple[str, str]] = Counter()
+    words_with: defaultdict[tuple[str, str], set[str]] = defaultdict(set)  # pair -> words where it occurs
+
+    def count_pairs(word: str, sign: int) -> None:
+        pieces = splits[word]
+        for pair in zip(pieces, pieces[1:]):
+            pair_counts[pair] += sign * counts[word]
+            if sign > 0:
+                words_with[pair].add(word)
+            elif pair_counts[pair] <= 0:
+                del pair_counts[pair]
+
+    for word in counts:
+        count_pairs(word, +1)
+    while len(vocab) < vocab_size and pair_counts:
+        (left, right), _ = max(pair_counts.items(), key=lambda item: (item[1], -len(item[0][0] + item[0][1]), item[0]))
+        merged = left + right.removeprefix("##")
+        if merged not in known:
+            known.add(merged)
+            vocab.append(merged)
+        for word in sorted(words_with.pop((left, right), ())):
+            count_pairs(word, -1)
+            splits[word] = _merge_pair(splits[word], left, right, merged)
+            count_pairs(word, +1)
+        pair_counts.pop((left, right), None)
+    return {token: number for number, token in enumerate(vocab)}
+
+
+def _merge_pair(pieces: list[str], left: str, right: str, merged: str) -> list[str]:
+    """``pieces`` with every adjacent (left, right) replaced by ``merged``, left to right."""
+    out: list[str] = []
+    i = 0
+    while i < len(pieces):
+        if i + 1 < len(pieces) and pieces[i] == left and pieces[i + 1] == right:
+            out.append(merged)
+            i += 2
+        else:
+            out.append(pieces[i])
+            i += 1
+    return out
 
 
 def dpr_tokenizers(

@@ -1,6 +1,10 @@
 """Tiny offline models: tokenizers trained locally, and the save -> load round trip."""
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -14,7 +18,13 @@ from rag_models.factory import (
     tiny_bart,
     tiny_dpr_encoder,
 )
-from rag_models.tokenization import dpr_tokenizers, train_bart_tokenizer, train_wordpiece_vocab, same_tokenization
+from rag_models.tokenization import (
+    WORDPIECE_SPECIALS,
+    dpr_tokenizers,
+    same_tokenization,
+    train_bart_tokenizer,
+    train_wordpiece_vocab,
+)
 
 TEXTS = [
     "Quenby lies on the river Varn in the region of Oster.",
@@ -39,6 +49,25 @@ def test_wordpiece_tokenizer_adds_cls_sep_and_lowercases():
     # Context side: DPR feeds "title [SEP] text" as a pair.
     pair = c_tok("Quenby", "lies on the river Varn")["input_ids"]
     assert pair.count(c_tok.sep_token_id) == 2
+
+
+def test_wordpiece_vocabulary_merges_frequent_pieces_and_keeps_every_character():
+    vocab = train_wordpiece_vocab(TEXTS, 200)
+    assert list(vocab)[:5] == WORDPIECE_SPECIALS and sorted(vocab.values()) == list(range(len(vocab)))
+    assert {"q", "##u", "##7", "?"} <= set(vocab)  # word-initial and word-internal characters
+    assert {"quenby", "founded", "river"} <= set(vocab)  # frequent words end up whole
+    small = train_wordpiece_vocab(TEXTS, 60)  # the size is a cap, filled in merge order
+    assert list(small) == list(vocab)[:60]
+
+
+def test_wordpiece_vocabulary_is_the_same_in_every_process():
+    """The same texts must give the same ids in a fresh process (tokenizers' own trainer did not)."""
+    script = ("import json, sys; from rag_models.tokenization import train_wordpiece_vocab; "
+              "print(json.dumps(train_wordpiece_vocab(json.loads(sys.stdin.read()), 200)))")
+    runs = [subprocess.run([sys.executable, "-c", script], input=json.dumps(TEXTS), capture_output=True, text=True,
+                           check=True) for _ in range(2)]
+    here = train_wordpiece_vocab(TEXTS, 200)
+    assert [json.loads(run.stdout) for run in runs] == [here, here]
 
 
 def test_byte_level_bpe_round_trips_any_text():
