@@ -8,7 +8,6 @@ Here the temporary file sits beside the target, is fsynced, and is renamed with
 """
 from __future__ import annotations
 
-import os
 import pickle
 from pathlib import Path
 from typing import Any, Callable
@@ -16,24 +15,15 @@ from typing import Any, Callable
 import torch
 from lightning.fabric.plugins import TorchCheckpointIO
 
+from rag_models.atomic import atomic_file
 from rag_models.errors import InputError
 
 
 def atomic_torch_save(obj: Any, path: str | Path) -> Path:
     """``torch.save`` into ``.NAME.tmp-PID`` in the same directory, fsync, then rename onto ``path``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "wb") as handle:
-            torch.save(obj, handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    return path
+    with atomic_file(path) as handle:
+        torch.save(obj, handle)
+    return Path(path)
 
 
 def safe_torch_load(path: str | Path, map_location: Any = "cpu") -> Any:
