@@ -4,14 +4,14 @@ Install for development with ``make install`` (editable, pinned versions), or
 ``pip install -c requirements/constraints.txt -e .[dev]`` after installing
 ``torch==2.13.0`` (CPU) or the CUDA build you need.
 """
-from setuptools import setup
+from setuptools import find_packages, setup
 
 setup(
     name="rag-e2e",
     version="0.1.0",
     description="End-to-end trainable retrieval-augmented generation (RAG-Sequence, RAG-Token).",
     python_requires=">=3.10",
-    packages=["rag_models", "index", "training", "decoding"],
+    packages=find_packages(include=["rag_models", "index", "decoding", "training", "training.*"]),
     install_requires=[
         "torch>=2.2",
         "transformers>=5.0",
@@ -26,19 +26,19 @@ setup(
         "psutil>=5.9",
     ],
     extras_require={
-        "dev": ["pytest>=8"],
+        "dev": ["pytest>=8", "ruff>=0.15"],
         # faiss-gpu replaces faiss-cpu on CUDA machines; the exact torch index needs neither.
         "gpu": ["faiss-gpu>=1.8"],
     },
     entry_points={
         "console_scripts": [
-            "rag-make-world=training.demo_world_cli:main",
+            "rag-make-world=training.demo.world_cli:main",
             "rag-build-index=index.build_cli:main",
-            "rag-train=training.train_cli:main",
-            "rag-eval=training.eval_cli:main",
-            "rag-score=training.score_cli:main",
+            "rag-train=training.lit.train_cli:main",
+            "rag-eval=training.evaluation.eval_cli:main",
+            "rag-score=training.evaluation.score_cli:main",
             "rag-ask=decoding.ask_cli:main",
-            "rag-demo=training.demo_cli:main",
+            "rag-demo=training.demo.demo_cli:main",
         ]
     },
 )

@@ -1,16 +1,22 @@
 """Questions in, answers out: retrieve, build generator inputs, decode, attach provenance.
 
-Used by evaluation and by ``rag-ask``. The strategy string picks a decoder from
-`STRATEGIES`; "greedy" and "beam" search the RAG-Token marginal, "thorough" and
-"fast" are RAG-Sequence's decoders. Without a strategy, the model's own
-marginalization decides (token -> beam, sequence -> thorough).
+The one path from a question to an answer. `answer` retrieves and decodes;
+`decode_retrieved` decodes from docs already retrieved by `decoding.retrieve.retrieve`
+(evaluation and training validation retrieve deeper than they read, for recall@k),
+reusing the question vectors that searched the index. The strategy string picks a
+decoder from `STRATEGIES`: "greedy" and "beam" search the RAG-Token marginal,
+"thorough" and "fast" are RAG-Sequence's decoders. Without a strategy, the model's
+own marginalization decides (token -> beam, sequence -> thorough).
+
+Shapes: B questions, K docs read per answer, L source length.
 """
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field, replace
 from functools import partial
-from typing import Any, Protocol
+from typing import Any
 
 import torch
 from tqdm import tqdm
@@ -18,11 +24,13 @@ from tqdm import tqdm
 from decoding.rag_sequence import rag_sequence_generate
 from decoding.rag_token import rag_token_generate
 from decoding.results import GenerationResult
-from rag_models.docs import RetrievedDocs
+from decoding.retrieve import Retrieval, RetrieverLike, retrieve
 from rag_models.errors import InputError
+from rag_models.rag import RagModel
 
 
-def _greedy(generator: Any, ids: torch.Tensor, mask: torch.Tensor, scores: torch.Tensor, **search: Any) -> GenerationResult:
+def _greedy(generator: Any, ids: torch.Tensor, mask: torch.Tensor, scores: torch.Tensor,
+            **search: Any) -> GenerationResult:
     """RAG-Token greedy decoding: one beam and one sequence, whatever the settings ask."""
     return rag_token_generate(generator, ids, mask, scores, **{**search, "num_beams": 1, "num_return_sequences": 1})
 
@@ -38,12 +46,6 @@ STRATEGIES: dict[str, Callable[..., GenerationResult]] = {
 DEFAULT_STRATEGY: dict[str, str] = {"token": "beam", "sequence": "thorough"}
 
 
-class RetrieverLike(Protocol):
-    """What `answer` needs from index.retrieval.Retriever."""
-
-    def retrieve(self, question_vectors: torch.Tensor, k: int) -> RetrievedDocs: ...
-
-
 @dataclass
 class Answer:
     """One answer and where it came from.
@@ -51,7 +53,7 @@ class Answer:
     Fields:
         text: the decoded answer.
         score: the decoder's score of it (see GenerationResult.scores).
-        doc_ids: the K retrieved passages' rows in the passage store, retrieval order.
+        doc_ids: the K retrieved passages' rows in the passage store, retrieval order (empty closed-book).
         titles: their titles.
         posteriors: p(z_k|x,y) for each of them (sums to 1).
         alternatives: the next best answers when num_return_sequences > 1, best first.
@@ -72,34 +74,64 @@ class Answer:
 
 @dataclass(frozen=True)
 class DecodingSettings:
-    """How to decode (the Hydra target of configs/decoding/*.yaml); see `answer` for each field."""
+    """How to decode: the Hydra target of configs/decoding/*.yaml.
+
+    Fields:
+        strategy: "greedy" | "beam" (RAG-Token), "thorough" | "fast" (RAG-Sequence), or None
+            for the model's own (token -> beam, sequence -> thorough).
+        num_beams: beams (per doc for RAG-Sequence); num_return_sequences <= num_beams.
+        max_length: tokens per answer, the decoder start token included; min_length likewise.
+        n_docs: docs read per answer; None = the model's n_docs (as trained).
+        length_penalty, early_stopping: as transformers' generate (beam ranking only).
+        num_return_sequences: R, the n-best answers kept (the others become Answer.alternatives).
+    """
 
     strategy: str | None = None
     num_beams: int = 4
     max_length: int = 40
     min_length: int = 0
-    n_docs: int | None = None  # None: the model's n_docs (as trained)
+    n_docs: int | None = None
     length_penalty: float = 1.0
     early_stopping: bool | str = False
     num_return_sequences: int = 1
 
-    def as_kwargs(self) -> dict[str, Any]:
-        """The keyword arguments of `answer`."""
-        return asdict(self)
+    def search_kwargs(self) -> dict[str, Any]:
+        """The keyword arguments every decoder in `STRATEGIES` takes."""
+        return dict(num_beams=self.num_beams, num_return_sequences=self.num_return_sequences,
+                    max_length=self.max_length, min_length=self.min_length, length_penalty=self.length_penalty,
+                    early_stopping=self.early_stopping)
+
+    def for_model(self, model: RagModel) -> "DecodingSettings":
+        """These settings with ``strategy`` and ``n_docs`` filled from ``model`` where None; InputError if invalid."""
+        strategy = self.strategy or DEFAULT_STRATEGY.get(model.marginalization, "thorough")
+        if strategy not in STRATEGIES:
+            raise InputError(f"unknown decoding strategy {strategy!r}", setting="decoding.strategy",
+                             fix=f"use one of {sorted(STRATEGIES)}")
+        n_docs = model.n_docs if self.n_docs is None else self.n_docs
+        if n_docs < 1:
+            raise InputError(f"n_docs={n_docs}", setting="decoding.n_docs", fix="use at least one doc")
+        return replace(self, strategy=strategy, n_docs=n_docs)
 
 
-def _to_answers(result: GenerationResult, texts: list[str], docs: RetrievedDocs) -> list[Answer]:
-    """One Answer per question (its best hypothesis), the others as alternatives."""
+@contextmanager
+def eval_mode(model: torch.nn.Module) -> Iterator[None]:
+    """No dropout while decoding; the model's mode is given back afterwards."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train(was_training)
+
+
+def to_answers(result: GenerationResult, texts: list[str], doc_ids: list[list[int]],
+               titles: list[list[str]]) -> list[Answer]:
+    """One Answer per question (its best hypothesis), the others as alternatives; docs given per question."""
     answers = []
     for b in range(result.batch_size):
         found = [
-            Answer(
-                text=texts[row],
-                score=float(result.scores[row]),
-                doc_ids=[int(i) for i in docs.ids[b].tolist()],
-                titles=list(docs.titles[b]),
-                posteriors=[float(p) for p in result.doc_posteriors[row].tolist()],
-            )
+            Answer(text=texts[row], score=float(result.scores[row]), doc_ids=list(doc_ids[b]), titles=list(titles[b]),
+                   posteriors=[float(p) for p in result.doc_posteriors[row].tolist()])
             for row in result.question_rows(b)
         ]
         found[0].alternatives = found[1:]
@@ -107,99 +139,48 @@ def _to_answers(result: GenerationResult, texts: list[str], docs: RetrievedDocs)
     return answers
 
 
-def _docs_rows(docs: RetrievedDocs, start: int, end: int, k: int) -> RetrievedDocs:
-    """Questions start..end of already retrieved docs, their first k docs."""
-    return RetrievedDocs(
-        ids=docs.ids[start:end, :k],
-        scores=docs.scores[start:end, :k],
-        vectors=docs.vectors[start:end, :k],
-        titles=[row[:k] for row in docs.titles[start:end]],
-        texts=[row[:k] for row in docs.texts[start:end]],
-    )
-
-
 @torch.no_grad()
-def _answer_batch(
-    questions: list[str],
-    retriever: RetrieverLike | None,
-    model: Any,
-    strategy: str,
-    k: int,
-    search: dict[str, Any],
-    docs: RetrievedDocs | None,
-) -> list[Answer]:
-    """Retrieve (unless `docs` are given), decode and explain one batch of questions."""
-    device = next(model.parameters()).device
-    batch = model.tokenize_questions(questions).to(device)
-    q = model.embed_questions(batch["input_ids"], batch["attention_mask"])  # (B, D)
-    if docs is None:
-        docs = retriever.retrieve(q, k)
-    ids, mask = model.generator.build_inputs(questions, docs.titles, docs.texts)  # (B*K, L)
-    scores = model.doc_scores(q, docs.vectors.to(q.device, q.dtype))  # (B, K)
-    result = STRATEGIES[strategy](model.generator.model, ids.to(device), mask.to(device), scores, n_docs=k, **search)
-    return _to_answers(result, model.generator.decode(result.sequences), docs)
+def decode_retrieved(questions: list[str], model: RagModel, retrieval: Retrieval,
+                     settings: DecodingSettings) -> list[Answer]:
+    """Answer one batch from its retrieval, reading the first ``n_docs`` docs of each question.
+
+    ``retrieval`` holds B question vectors and (B, >= n_docs) docs in the questions' order;
+    its question vectors score the docs (q . d), so the encoder does not run again.
+    Raises InputError when the retrieval does not fit the questions or the settings.
+    """
+    settings = settings.for_model(model)
+    k = settings.n_docs
+    if len(retrieval.docs.titles) != len(questions) or retrieval.docs.n_docs < k:
+        raise InputError(
+            f"docs for {len(retrieval.docs.titles)} questions x {retrieval.docs.n_docs} docs, "
+            f"but {len(questions)} questions and n_docs={k}", setting="n_docs",
+            fix="retrieve at least n_docs passages for every question, in the questions' order")
+    docs = retrieval.docs.first(k)  # (B, K)
+    q = retrieval.question_vectors  # (B, D)
+    with eval_mode(model):
+        ids, mask = model.generator.build_inputs(questions, docs.titles, docs.texts)  # (B*K, L)
+        scores = model.doc_scores(q, docs.vectors.to(q.device, q.dtype))  # (B, K)
+        result = STRATEGIES[settings.strategy](model.generator.model, ids.to(q.device), mask.to(q.device), scores,
+                                               n_docs=k, **settings.search_kwargs())
+    doc_ids = [[int(i) for i in row] for row in docs.ids.tolist()]
+    return to_answers(result, model.generator.decode(result.sequences), doc_ids, docs.titles)
 
 
-def answer(
-    questions: list[str],
-    retriever: RetrieverLike | None,
-    model: Any,
-    *,
-    docs: RetrievedDocs | None = None,
-    strategy: str | None = None,
-    n_docs: int | None = None,
-    num_beams: int = 4,
-    max_length: int = 40,
-    min_length: int = 0,
-    num_return_sequences: int = 1,
-    length_penalty: float = 1.0,
-    early_stopping: bool | str = False,
-    batch_size: int = 16,
-    progress: bool = True,
-) -> list[Answer]:
+def answer(questions: list[str], retriever: RetrieverLike, model: RagModel, settings: DecodingSettings | None = None,
+           *, batch_size: int = 16, progress: bool = True) -> list[Answer]:
     """Answer each question with a RagModel and a retriever; one Answer per question, in order.
 
-    Args:
-        retriever: searched for each batch, unless `docs` are given (then it may be None).
-        docs: already retrieved docs for these questions (B, >= n_docs), e.g. deeper ones kept
-            for recall@k; the first n_docs of each are read.
-        strategy: "greedy" | "beam" (RAG-Token), "thorough" | "fast" (RAG-Sequence), or None
-            for the model's own (token -> beam, sequence -> thorough).
-        n_docs: docs retrieved per question; None = the model's n_docs (as trained).
-        num_beams: beams (per doc for RAG-Sequence); num_return_sequences <= num_beams.
-        max_length: tokens per answer, the decoder start token included; min_length likewise.
-        length_penalty, early_stopping: as transformers' generate (beam ranking only).
-        batch_size: questions decoded together; progress: show a progress bar over batches.
+    Each batch of ``batch_size`` questions is embedded once, searched for the
+    settings' n_docs (default: the model's) and decoded (`decode_retrieved`);
+    ``progress`` shows a bar over the batches. Raises InputError for bad settings.
     """
-    strategy = strategy or DEFAULT_STRATEGY.get(getattr(model, "marginalization", "sequence"), "thorough")
-    if strategy not in STRATEGIES:
-        raise InputError(f"unknown decoding strategy {strategy!r}", setting="decoding.strategy", fix=f"use one of {sorted(STRATEGIES)}")
-    k = model.n_docs if n_docs is None else n_docs
-    if k < 1 or batch_size < 1:
-        raise InputError(
-            f"n_docs={k}, batch_size={batch_size}", setting="decoding.n_docs", fix="use at least one doc and one question per batch"
-        )
-    if docs is not None and (len(docs.titles) != len(questions) or docs.n_docs < k):
-        raise InputError(
-            f"docs for {len(docs.titles)} questions x {docs.n_docs} docs, but {len(questions)} questions and n_docs={k}",
-            setting="docs",
-            fix="retrieve at least n_docs passages for every question, in the questions' order",
-        )
-    if docs is None and retriever is None:
-        raise InputError("neither a retriever nor retrieved docs", setting="retriever", fix="pass an index.retrieval.Retriever or docs=")
-    search = dict(
-        num_beams=num_beams, num_return_sequences=num_return_sequences, max_length=max_length,
-        min_length=min_length, length_penalty=length_penalty, early_stopping=early_stopping,
-    )
-    was_training = model.training
-    model.eval()  # no dropout while decoding
-    try:
-        starts = range(0, len(questions), batch_size)
-        answers: list[Answer] = []
-        for start in tqdm(starts, desc=f"answering ({strategy})", disable=not progress or len(starts) < 2):
-            end = start + batch_size
-            given = None if docs is None else _docs_rows(docs, start, end, k)
-            answers += _answer_batch(questions[start:end], retriever, model, strategy, k, search, given)
-        return answers
-    finally:
-        model.train(was_training)
+    settings = (settings or DecodingSettings()).for_model(model)
+    if batch_size < 1:
+        raise InputError(f"batch_size={batch_size}", setting="batch_size", fix="use at least one question per batch")
+    starts = range(0, len(questions), batch_size)
+    answers: list[Answer] = []
+    with eval_mode(model):
+        for start in tqdm(starts, desc=f"answering ({settings.strategy})", disable=not progress or len(starts) < 2):
+            batch = questions[start:start + batch_size]
+            answers += decode_retrieved(batch, model, retrieve(model, retriever, batch, settings.n_docs), settings)
+    return answers

@@ -12,12 +12,14 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Iterable, Iterator
-from typing import Any, TextIO
+from typing import TextIO
 
 import torch
 
-from decoding.answer import STRATEGIES, Answer, answer
+from decoding.answer import STRATEGIES, Answer, DecodingSettings, answer
+from decoding.retrieve import RetrieverLike
 from rag_models.errors import InputError
+from rag_models.rag import RagModel
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -59,13 +61,19 @@ def _questions(given: list[str], stdin: TextIO) -> Iterator[str]:
             yield line.strip()
 
 
-def ask(questions: Iterable[str], retriever: Any, model: Any, args: argparse.Namespace, out: TextIO) -> int:
-    """Answer and print each question; returns how many were answered."""
+def settings_from_args(args: argparse.Namespace) -> DecodingSettings:
+    """The decoding settings the command line asks for."""
+    return DecodingSettings(strategy=args.strategy, n_docs=args.n_docs, num_beams=args.num_beams,
+                            max_length=args.max_length, num_return_sequences=args.num_answers)
+
+
+def ask(questions: Iterable[str], retriever: RetrieverLike, model: RagModel, settings: DecodingSettings,
+        top_docs: int, out: TextIO) -> int:
+    """Answer and print each question as soon as it is read; returns how many were answered."""
     count = 0
     for question in questions:
-        found = answer([question], retriever, model, strategy=args.strategy, n_docs=args.n_docs, num_beams=args.num_beams,
-                       max_length=args.max_length, num_return_sequences=args.num_answers, progress=False)[0]
-        print(format_answer(question, found, args.top_docs), file=out, flush=True)
+        found = answer([question], retriever, model, settings, progress=False)[0]
+        print(format_answer(question, found, top_docs), file=out, flush=True)
         count += 1
     return count
 
@@ -76,11 +84,12 @@ def main(argv: list[str] | None = None) -> int:
     try:
         # Imported here so that `rag-ask --help` answers without loading torch models or faiss.
         from index.retrieval import Retriever
-        from rag_models.rag import RagModel
+        from rag_models.checkpoint import load_rag_model
 
-        model = RagModel.from_pretrained(args.checkpoint).to(args.device).eval()
+        model = load_rag_model(args.checkpoint).to(args.device).eval()
         retriever = Retriever.from_dir(args.index, backend=args.backend)
-        ask(_questions(args.questions, sys.stdin), retriever, model, args, sys.stdout)
+        ask(_questions(args.questions, sys.stdin), retriever, model, settings_from_args(args), args.top_docs,
+            sys.stdout)
     except InputError as err:
         print(f"rag-ask: {err}", file=sys.stderr)
         return 2

@@ -23,8 +23,8 @@ from typing import Iterable, Sequence
 import numpy as np
 from tqdm import tqdm
 
-from rag_models.atomic import atomic_directory
 from index.passage_files import Passage, iter_passages
+from rag_models.atomic import atomic_directory
 from rag_models.errors import InputError
 
 STORE_VERSION = 1

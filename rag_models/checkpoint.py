@@ -1,4 +1,4 @@
-"""Building a RagModel from checkpoint names (the Hydra target) and saving / loading a trained one.
+"""Building a RagModel from checkpoint names (the Hydra target of configs/model/), saving and loading a trained one.
 
 A saved RagModel is a directory:
 
@@ -15,21 +15,20 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from rag_models.atomic import atomic_directory
 from rag_models.errors import InputError
-
-if TYPE_CHECKING:
-    from rag_models.rag import RagModel
+from rag_models.generator import Generator
+from rag_models.loaders import load_generator_checkpoint
+from rag_models.rag import RagModel
+from rag_models.retriever import load_encoder
 
 CONFIG_NAME = "rag_config.json"
 MODES = ("rag", "closed_book")  # how a saved model was trained to read: with retrieved passages, or without
-# Settings that belong to the generator wrapper, not to RagModel itself.
-GENERATOR_SETTINGS = ("max_source_length", "max_target_length", "input_format")
 
 
-def save_rag_model(model: "RagModel", out_dir: str | Path, *, mode: str = "rag") -> Path:
+def save_rag_model(model: RagModel, out_dir: str | Path, *, mode: str = "rag") -> Path:
     """Write ``model`` as a RagModel directory (see the module docstring), atomically.
 
     ``mode`` records how it was trained, so that rag-eval evaluates it the same way by default.
@@ -50,7 +49,7 @@ def save_rag_model(model: "RagModel", out_dir: str | Path, *, mode: str = "rag")
     return Path(out_dir)
 
 
-def load_rag_model(model_dir: str | Path, **overrides: Any) -> "RagModel":
+def load_rag_model(model_dir: str | Path, **overrides: Any) -> RagModel:
     """Load a directory written by `save_rag_model`; ``overrides`` replace saved settings (e.g. n_docs)."""
     model_dir = Path(model_dir)
     config_path = model_dir / CONFIG_NAME
@@ -98,19 +97,13 @@ def build_rag_model(
     max_target_length: int = 64,
     input_format: str = "question_first",
     loss_reduction: str = "mean",
-) -> "RagModel":
+) -> RagModel:
     """Build a RagModel from checkpoint names or local paths (the Hydra ``_target_`` of configs/model/).
 
     ``question_encoder`` / ``context_encoder``: e.g. facebook/dpr-question_encoder-single-nq-base;
     ``generator``: e.g. facebook/bart-large. The context encoder is optional unless
     ``train_context_encoder`` (it is frozen otherwise).
     """
-    # Imported here: rag.py imports this module to expose build_rag_model as its Hydra target.
-    from rag_models.generator import Generator
-    from rag_models.factory import load_generator_checkpoint
-    from rag_models.rag import RagModel
-    from rag_models.retriever import load_encoder
-
     for setting, value in (("retriever.question_encoder", question_encoder), ("model.generator", generator)):
         if value is None:
             raise InputError("is null", setting=setting, fix="give a hub name or a local checkpoint directory (the demo fills configs/retriever/tiny.yaml)")

@@ -156,6 +156,15 @@ class Generator(nn.Module):
             raise InputError("every question needs the same number K > 0 of titles and texts", setting="retrieved docs", fix="retrieve n_docs passages for each question")
         return self._format(self, questions, titles, texts)
 
+    def build_question_inputs(self, questions: list[str]) -> tuple[Tensor, Tensor]:
+        """The questions alone, for the closed-book baseline: input_ids (B, L), attention_mask (B, L).
+
+        Prefixed like the RAG inputs and truncated to ``max_source_length``.
+        """
+        enc = self.tokenizer([self.prefix + q.strip() for q in questions], max_length=self.max_source_length,
+                             truncation=True, padding=True, return_tensors="pt")
+        return enc["input_ids"], enc["attention_mask"]
+
     def prepare_targets(self, answers: list[str]) -> tuple[Tensor, Tensor]:
         """Tokenize answers: -> decoder_input_ids (B, T), target (B, T).
 

@@ -10,14 +10,12 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 from transformers import BatchEncoding, PreTrainedTokenizerBase
 
-from rag_models.checkpoint import build_rag_model, load_rag_model, save_rag_model  # noqa: F401  (Hydra target)
 from rag_models.docs import RetrievedDocs
 from rag_models.errors import InputError
 from rag_models.generator import Generator
@@ -191,9 +189,20 @@ class RagModel(nn.Module):
         seq_logits = self.generator(
             _first_docs(context_input_ids, batch, k_total, k), _first_docs(context_attention_mask, batch, k_total, k), decoder_input_ids
         )  # (B*K, T, V)
-        nll = self._example_losses(seq_logits, scores, target, 0.0)  # (B,)
-        objective = nll if self.label_smoothing == 0.0 else self._example_losses(seq_logits, scores, target, self.label_smoothing)
-        return RagOutput(loss=self._reduce(objective), nll=nll, doc_scores=scores, seq_logits=seq_logits)
+        loss, nll = self.marginal_loss(seq_logits, scores, target)
+        return RagOutput(loss=loss, nll=nll, doc_scores=scores, seq_logits=seq_logits)
+
+    def marginal_loss(self, seq_logits: Tensor, doc_scores: Tensor, target: Tensor) -> tuple[Tensor, Tensor]:
+        """(loss (), nll (B,)) of generator logits (B*K, T, V) under doc scores (B, K) for targets (B, T).
+
+        This model's marginalization, BOS handling, label smoothing and reduction
+        (`MARGINALIZATIONS`, `REDUCTIONS`); ``nll`` is unsmoothed. The closed-book
+        baseline calls it with K = 1 and zero doc scores (the generator alone).
+        """
+        nll = self._example_losses(seq_logits, doc_scores, target, 0.0)  # (B,)
+        smoothed = self.label_smoothing != 0.0
+        objective = self._example_losses(seq_logits, doc_scores, target, self.label_smoothing) if smoothed else nll
+        return self._reduce(objective), nll
 
     def _example_losses(self, seq_logits: Tensor, scores: Tensor, target: Tensor, label_smoothing: float) -> Tensor:
         """Per-example marginal loss (B,) with this model's marginalization and BOS handling."""
@@ -218,18 +227,6 @@ class RagModel(nn.Module):
             passage_mask = _first_docs(passage_mask, batch, k_total, k)
         vectors = self.context_encoder(passage_ids, passage_mask)  # (B*K, D)
         return vectors.view(batch, k, -1)  # (B, K, D)
-
-    def save_pretrained(self, out_dir: str | Path, *, mode: str = "rag") -> None:
-        """Write question_encoder/, generator/, context_encoder/ (if any) and rag_config.json, atomically.
-
-        ``mode="closed_book"`` records a generator trained without retrieval (rag-eval then defaults to it).
-        """
-        save_rag_model(self, out_dir, mode=mode)
-
-    @classmethod
-    def from_pretrained(cls, model_dir: str | Path, **overrides: Any) -> "RagModel":
-        """Load a directory written by `save_pretrained`; ``overrides`` replace saved settings."""
-        return load_rag_model(model_dir, **overrides)
 
 
 def _check_settings(marginalization: str, loss_reduction: str, n_docs: int, label_smoothing: float) -> None:

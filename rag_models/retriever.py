@@ -17,8 +17,9 @@ import torch
 from torch import Tensor, nn
 from transformers import BatchEncoding, PreTrainedModel, PreTrainedTokenizerBase
 
+from rag_models.atomic import atomic_directory
 from rag_models.errors import InputError
-from rag_models.factory import load_encoder_checkpoint
+from rag_models.loaders import load_encoder_checkpoint
 
 POOLING_KEY = "rag_pooling"  # stored in the encoder's config.json, so a saved encoder reloads as it was
 
@@ -80,9 +81,6 @@ class DenseEncoder(nn.Module):
 
     def save_pretrained(self, out_dir: str | Path, tokenizer: PreTrainedTokenizerBase | None = None) -> None:
         """Write the encoder (pooling in its config.json) and optionally its tokenizer, atomically."""
-        # Imported here: checkpoint.py imports this module at load time.
-        from rag_models.atomic import atomic_directory
-
         with atomic_directory(out_dir) as tmp:
             self.model.save_pretrained(tmp)
             if tokenizer is not None:

@@ -13,12 +13,7 @@ from collections import Counter, defaultdict
 from collections.abc import Iterable
 
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
-from transformers import (
-    BartTokenizer,
-    DPRContextEncoderTokenizerFast,
-    DPRQuestionEncoderTokenizerFast,
-    PreTrainedTokenizerBase,
-)
+from transformers import BartTokenizer, DPRContextEncoderTokenizerFast, DPRQuestionEncoderTokenizerFast
 
 WORDPIECE_SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 BPE_SPECIALS = ["<s>", "<pad>", "</s>", "<unk>", "<mask>"]  # BART's ids 0..3 order, then mask
@@ -117,8 +112,3 @@ def train_bart_tokenizer(texts: Iterable[str], vocab_size: int = 1000) -> BartTo
     model = json.loads(tok.to_str())["model"]
     merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in model["merges"]]
     return BartTokenizer(vocab=model["vocab"], merges=merges)
-
-
-def same_tokenization(a: PreTrainedTokenizerBase, b: PreTrainedTokenizerBase, texts: list[str]) -> bool:
-    """True when two tokenizers give identical ids on every text (used by round-trip checks)."""
-    return all(a(t)["input_ids"] == b(t)["input_ids"] for t in texts)

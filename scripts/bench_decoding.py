@@ -26,8 +26,15 @@ from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from transformers import BartConfig, BartForConditionalGeneration, DPRConfig, DPRQuestionEncoder  # noqa: E402
-from transformers import RagConfig, RagSequenceForGeneration, RagTokenForGeneration  # noqa: E402
+from transformers import (  # noqa: E402
+    BartConfig,
+    BartForConditionalGeneration,
+    DPRConfig,
+    DPRQuestionEncoder,
+    RagConfig,
+    RagSequenceForGeneration,
+    RagTokenForGeneration,
+)
 from transformers.utils import logging as hf_logging  # noqa: E402
 
 from decoding.rag_sequence import rag_sequence_generate  # noqa: E402

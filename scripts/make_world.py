@@ -4,6 +4,6 @@
 """
 
 if __name__ == "__main__":
-    from training.demo_world_cli import main
+    from training.demo.world_cli import main
 
     main()

@@ -30,11 +30,11 @@ from transformers import RagConfig, RagSequenceForGeneration, RagTokenForGenerat
 from transformers.utils import logging as hf_logging  # noqa: E402
 
 from rag_models.docs import RetrievedDocs  # noqa: E402
-from rag_models.factory import TinyBartSize, TinyDprSize, tiny_bart, tiny_dpr_encoder  # noqa: E402
 from rag_models.generator import Generator  # noqa: E402
 from rag_models.marginalize import rag_sequence_nll, rag_token_nll  # noqa: E402
 from rag_models.rag import RagModel  # noqa: E402
 from rag_models.retriever import DenseEncoder  # noqa: E402
+from rag_models.tiny_models import TinyBartSize, TinyDprSize, tiny_bart, tiny_dpr_encoder  # noqa: E402
 from rag_models.tokenization import dpr_tokenizers, train_bart_tokenizer, train_wordpiece_vocab  # noqa: E402
 
 WORDS = "town river copper founded north green wool market bridge castle harbour valley mill".split()

@@ -1,4 +1,9 @@
-"""Shared test set-up: offline Hugging Face, small thread counts, paths to shared data."""
+"""Shared test set-up: offline Hugging Face, small thread counts, paths to shared data, the tiny world.
+
+The tiny demo world, its tokenizers, models and index (tests/tiny_setup.py) are
+built once per test session and shared by every module that trains or evaluates
+on them; tests write their own outputs under their own ``tmp_path``.
+"""
 from __future__ import annotations
 
 import os
@@ -15,6 +20,8 @@ os.environ.setdefault("HF_HOME", str(REPO_ROOT / ".hf_home"))
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
+from tiny_setup import TinySetup, make_tiny_setup, without_dropout  # noqa: E402
+
 # Tiny models gain nothing from intra-op threads, and the suite shares 2 cores:
 # one thread keeps timings steady and avoids oversubscription.
 torch.set_num_threads(1)
@@ -29,3 +36,15 @@ def require_nq_dev() -> Path:
     if not NQ_DEV.is_file():
         pytest.skip("real NQ-Open dev file not found at ../shared/data/nq_open/ (absent in a user's clone)")
     return NQ_DEV
+
+
+@pytest.fixture(scope="session")
+def tiny(tmp_path_factory: pytest.TempPathFactory) -> TinySetup:
+    """A 100-town world, tiny checkpoints trained on its text, and a Flat index of its v1 passages (dropout on)."""
+    return make_tiny_setup(tmp_path_factory.mktemp("tiny"))
+
+
+@pytest.fixture(scope="session")
+def tiny_no_dropout(tiny: TinySetup, tmp_path_factory: pytest.TempPathFactory) -> TinySetup:
+    """`tiny` with checkpoints whose dropout is off: for tests that compare weights exactly."""
+    return without_dropout(tiny, tmp_path_factory.mktemp("tiny_no_dropout"))

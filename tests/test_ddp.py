@@ -15,23 +15,17 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
 import torch
 
-from training.tiny_run import TinySetup, make_tiny_setup, tiny_overrides
-from training.train_cli import compose_config, train
+from tiny_setup import TinySetup, tiny_overrides
+from training.config import compose
+from training.lit.train_cli import train
 
 REPO = Path(__file__).resolve().parents[1]
 COMMON = ["experiment=demo", "trainer.max_steps=3", "trainer.limit_val_batches=0", "test=false", "logger=none",
           "callbacks.lr_monitor=null", "callbacks.samples=null", "module.warmup_steps=1", "trainer.deterministic=true",
           "module.optimizer._target_=torch.optim.SGD", "~module.optimizer.betas", "~module.optimizer.eps",
           "module.lr_question_encoder=0.05", "module.lr_generator=0.05"]
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory: pytest.TempPathFactory) -> TinySetup:
-    torch.set_num_threads(1)
-    return make_tiny_setup(tmp_path_factory.mktemp("tiny_ddp"), dropout=False)
 
 
 def _weights(model_dir: Path) -> dict[str, torch.Tensor]:
@@ -41,11 +35,11 @@ def _weights(model_dir: Path) -> dict[str, torch.Tensor]:
             for k, v in load_file(str(model_dir / part / "model.safetensors")).items()}
 
 
-def test_two_rank_ddp_matches_one_process_on_the_global_batch(tiny: TinySetup, tmp_path: Path):
-    single = train(compose_config([*COMMON, *tiny_overrides(tiny, tmp_path / "single"), "data.batch_size=8"]))
+def test_two_rank_ddp_matches_one_process_on_the_global_batch(tiny_no_dropout: TinySetup, tmp_path: Path):
+    single = train(compose([*COMMON, *tiny_overrides(tiny_no_dropout, tmp_path / "single"), "data.batch_size=8"]))
 
     ddp_dir = tmp_path / "ddp"
-    overrides = [*COMMON, *tiny_overrides(tiny, ddp_dir), "data.batch_size=4", "trainer.strategy=ddp",
+    overrides = [*COMMON, *tiny_overrides(tiny_no_dropout, ddp_dir), "data.batch_size=4", "trainer.strategy=ddp",
                  "trainer.devices=2", "index.sharded=true", f"hydra.run.dir={ddp_dir}"]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PL_DISABLE_FORK": "1"}
     done = subprocess.run([sys.executable, str(REPO / "scripts" / "train.py"), *overrides], cwd=tmp_path, env=env,
@@ -54,25 +48,25 @@ def test_two_rank_ddp_matches_one_process_on_the_global_batch(tiny: TinySetup, t
 
     expected, got = _weights(single.export_dir), _weights(ddp_dir / "model")
     assert expected.keys() == got.keys()
-    initial = _weights_of_start(tiny)
+    initial = _weights_of_start(tiny_no_dropout)
     moved = max((expected[k] - initial[k]).abs().max().item() for k in expected)
     assert moved > 1e-3  # the runs did train: equality is not that of two untouched models
     worst = max((expected[k] - got[k]).abs().max().item() for k in expected)
     assert worst < 1e-6, f"largest weight difference {worst} (largest update {moved})"
 
 
-def test_gradient_accumulation_matches_the_larger_batch(tiny: TinySetup, tmp_path: Path):
+def test_gradient_accumulation_matches_the_larger_batch(tiny_no_dropout: TinySetup, tmp_path: Path):
     """Two accumulated batches of 4 make the same update as one batch of 8 (same 8 questions, same order)."""
-    big = train(compose_config([*COMMON, *tiny_overrides(tiny, tmp_path / "big"), "data.batch_size=8"]))
-    accumulated = train(compose_config([*COMMON, *tiny_overrides(tiny, tmp_path / "acc"), "data.batch_size=4",
+    big = train(compose([*COMMON, *tiny_overrides(tiny_no_dropout, tmp_path / "big"), "data.batch_size=8"]))
+    accumulated = train(compose([*COMMON, *tiny_overrides(tiny_no_dropout, tmp_path / "acc"), "data.batch_size=4",
                                         "trainer.accumulate_grad_batches=2"]))
     expected, got = _weights(big.export_dir), _weights(accumulated.export_dir)
     worst = max((expected[k] - got[k]).abs().max().item() for k in expected)
     assert worst < 1e-6, f"largest weight difference {worst}"
 
 
-def _weights_of_start(tiny: TinySetup) -> dict[str, torch.Tensor]:
+def _weights_of_start(tiny_no_dropout: TinySetup) -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
 
-    return {**{f"question_encoder.{k}": v for k, v in load_file(str(tiny.models.question_encoder / "model.safetensors")).items()},
-            **{f"generator.{k}": v for k, v in load_file(str(tiny.models.generator / "model.safetensors")).items()}}
+    return {**{f"question_encoder.{k}": v for k, v in load_file(str(tiny_no_dropout.models.question_encoder / "model.safetensors")).items()},
+            **{f"generator.{k}": v for k, v in load_file(str(tiny_no_dropout.models.generator / "model.safetensors")).items()}}

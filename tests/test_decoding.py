@@ -7,6 +7,7 @@ import io
 import itertools
 import json
 import math
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -14,13 +15,14 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
-from decoding.answer import STRATEGIES, Answer, DecodingSettings, answer
+from decoding.answer import STRATEGIES, Answer, DecodingSettings, answer, decode_retrieved
 from decoding.ask_cli import main as ask_main
 from decoding.beam import SearchSettings, beam_search, greedy_search
 from decoding.rag_sequence import rag_sequence_generate
 from decoding.rag_token import rag_token_generate
+from decoding.retrieve import retrieve
 from rag_models.errors import InputError
-from rag_models.factory import TinyBartSize, TinyDprSize, save_tiny_checkpoints, tiny_bart
+from rag_models.tiny_models import TinyBartSize, TinyDprSize, save_tiny_checkpoints, tiny_bart
 from rag_models.tokenization import train_bart_tokenizer
 
 TEXTS = [
@@ -209,7 +211,7 @@ def rag_parts(tmp_path_factory):
     """A RagModel checkpoint (tiny, untrained) and a Flat index over 12 passages."""
     from index.build_cli import build_index
     from index.retrieval import Retriever
-    from rag_models.checkpoint import build_rag_model
+    from rag_models.checkpoint import build_rag_model, save_rag_model
 
     root = tmp_path_factory.mktemp("answer")
     passages = root / "passages.jsonl"
@@ -222,7 +224,7 @@ def rag_parts(tmp_path_factory):
     paths = save_tiny_checkpoints(root / "tiny", texts, dpr_size=small_dpr, bart_size=small_bart)
     model = build_rag_model(question_encoder=str(paths.question_encoder), generator=str(paths.generator), n_docs=3,
                             max_question_length=32, max_passage_length=64, max_source_length=128)
-    model.save_pretrained(root / "rag")
+    save_rag_model(model, root / "rag")
     index_dir = build_index(passages, paths.context_encoder, root / "index", factory="Flat", max_length=64, progress=False).parent
     questions = [f"which river flows through {t}?" for t in towns[:3]]
     return {"model": model, "retriever": Retriever.from_dir(index_dir), "checkpoint": root / "rag", "index": index_dir,
@@ -233,8 +235,8 @@ def rag_parts(tmp_path_factory):
 def test_answer_gives_provenance(rag_parts, strategy):
     model, retriever, questions = rag_parts["model"], rag_parts["retriever"], rag_parts["questions"]
     model.train()  # answer() must decode without dropout and give the mode back
-    answers = answer(questions, retriever, model, strategy=strategy, num_beams=2, num_return_sequences=2,
-                     max_length=6, batch_size=2)
+    settings = DecodingSettings(strategy=strategy, num_beams=2, num_return_sequences=2, max_length=6)
+    answers = answer(questions, retriever, model, settings, batch_size=2)
     assert model.training
     model.eval()
     enc = model.tokenize_questions(questions)
@@ -248,15 +250,21 @@ def test_answer_gives_provenance(rag_parts, strategy):
         assert sum(found.posteriors) == pytest.approx(1.0, abs=1e-5)
         assert len(found.alternatives) == (0 if strategy == "greedy" else 1)
         assert found.supporting(1)[0][1] == max(found.posteriors)
-    again = answer(questions, None, model, docs=docs, strategy=strategy, num_beams=2, num_return_sequences=2, max_length=6)
-    assert [a.text for a in again] == [a.text for a in answers]  # given docs == retrieving them
+    # Decoding from a deeper retrieval reads its first n_docs: the same answers as retrieving exactly n_docs.
+    deeper = retrieve(model, retriever, questions, 5)
+    again = decode_retrieved(questions, model, deeper, replace(settings, n_docs=3))
+    assert [(a.text, a.doc_ids, a.score) for a in again] == [(a.text, a.doc_ids, a.score) for a in answers]
 
 
 def test_answer_rejects_bad_settings(rag_parts):
     with pytest.raises(InputError, match="decoding.strategy"):
-        answer(rag_parts["questions"], rag_parts["retriever"], rag_parts["model"], strategy="nucleus")
+        answer(rag_parts["questions"], rag_parts["retriever"], rag_parts["model"], DecodingSettings(strategy="nucleus"))
     with pytest.raises(InputError, match="num_return_sequences"):
-        answer(rag_parts["questions"], rag_parts["retriever"], rag_parts["model"], strategy="beam", num_beams=1, num_return_sequences=2)
+        answer(rag_parts["questions"], rag_parts["retriever"], rag_parts["model"],
+               DecodingSettings(strategy="beam", num_beams=1, num_return_sequences=2))
+    shallow = retrieve(rag_parts["model"], rag_parts["retriever"], rag_parts["questions"], 2)
+    with pytest.raises(InputError, match="n_docs"):  # a retrieval shallower than the docs to read
+        decode_retrieved(rag_parts["questions"], rag_parts["model"], shallow, DecodingSettings(n_docs=3))
 
 
 def test_rag_ask_prints_answers_with_supporting_titles(rag_parts, capsys, monkeypatch):
@@ -276,7 +284,9 @@ def test_rag_ask_reports_a_missing_checkpoint(rag_parts, capsys, tmp_path):
 
 
 @pytest.mark.parametrize("path", sorted(CONFIGS.glob("*.yaml")), ids=lambda p: p.stem)
-def test_decoding_configs_instantiate_into_answer_arguments(path):
+def test_decoding_configs_instantiate_into_decoder_arguments(path):
     settings = instantiate(OmegaConf.load(path))
     assert isinstance(settings, DecodingSettings) and settings.strategy == path.stem
-    inspect.signature(answer).bind(["q"], None, None, **settings.as_kwargs())  # every key is an argument of answer()
+    decoder = STRATEGIES[settings.strategy]
+    # every search setting is an argument of the strategy's decoder
+    inspect.signature(decoder).bind(None, None, None, None, n_docs=3, **settings.search_kwargs())

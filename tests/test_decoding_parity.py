@@ -17,7 +17,7 @@ from transformers.utils import logging as hf_logging
 
 from decoding.rag_sequence import rag_sequence_generate
 from decoding.rag_token import rag_token_generate
-from rag_models.factory import TinyBartSize, TinyDprSize, tiny_bart, tiny_dpr_encoder
+from rag_models.tiny_models import TinyBartSize, TinyDprSize, tiny_bart, tiny_dpr_encoder
 from rag_models.tokenization import train_bart_tokenizer
 
 TEXTS = [

@@ -6,8 +6,8 @@ import json
 import pytest
 
 from rag_models.errors import InputError
-from training.demo_cli import TARGETS, collect_results, render_table, run_demo
-from training.demo_stages import FULL, override
+from training.demo.demo_cli import TARGETS, collect_results, render_table, run_demo
+from training.demo.stages import FULL, override
 
 RESULT_KEYS = ("recall@5", "em_rag_sequence", "em_rag_token", "em_closed_book", "em_swap_matched", "em_swap_stale",
                "em_before_swap_matched", "em_before_swap_stale", "seconds", "stage_seconds", "targets")

@@ -12,13 +12,13 @@ from pathlib import Path
 
 import pytest
 
-import training.demo_world as demo_world
+import training.demo.world as demo_world
 from index.passage_files import Passage, iter_passages
 from rag_models.errors import InputError
-from training.demo_world import build_world, world_files, write_world
-from training.demo_world_cli import main
-from training.demo_world_text import QUESTION_TEMPLATES
-from training.questions import read_dpr_training, read_questions
+from training.data.questions import read_dpr_training, read_questions
+from training.demo.world import build_world, world_files, write_world
+from training.demo.world_cli import main
+from training.demo.world_text import QUESTION_TEMPLATES
 
 REPO = Path(__file__).resolve().parents[1]
 SMALL = dict(n_entities=150, n_dev=15, n_test=30)

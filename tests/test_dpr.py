@@ -9,15 +9,10 @@ import torch
 
 from index.passage_files import Passage
 from rag_models.retriever import load_encoder, tokenize_passages
-from training.dpr_data import DprDataModule, collate_dpr, passage_key
-from training.tiny_run import TinySetup, make_tiny_setup, tiny_dpr_overrides
-from training.train_cli import compose_config, train
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory: pytest.TempPathFactory) -> TinySetup:
-    torch.set_num_threads(1)
-    return make_tiny_setup(tmp_path_factory.mktemp("tiny_dpr"))
+from tiny_setup import TinySetup, tiny_dpr_overrides
+from training.config import compose
+from training.data.dpr_datamodule import DprDataModule, collate_dpr, passage_key
+from training.lit.train_cli import train
 
 
 def _passage(i: int) -> Passage:
@@ -34,7 +29,7 @@ def test_collate_puts_positives_first_and_fills_missing_hard_negatives():
 
 
 def test_contrastive_loss_masks_duplicates_of_the_positive(tiny: TinySetup):
-    from training.dpr_module import DprLitModule
+    from training.lit.dpr_module import DprLitModule
 
     module = DprLitModule(question_encoder=str(tiny.models.question_encoder), context_encoder=str(tiny.models.context_encoder),
                           optimizer=torch.optim.AdamW)
@@ -51,7 +46,7 @@ def test_dpr_training_raises_recall_and_exports_loadable_encoders(tiny: TinySetu
     overrides = [*tiny_dpr_overrides(tiny, tmp_path), "logger=csv", "callbacks.lr_monitor=null",
                  "trainer.max_steps=150", "trainer.val_check_interval=50", "data.batch_size=16", "module.lr=1e-2",
                  "module.warmup_steps=5"]
-    result = train(compose_config(["experiment=dpr_demo", *overrides]))
+    result = train(compose(["experiment=dpr_demo", *overrides]))
     import csv
 
     with open(tmp_path / "csv" / "metrics.csv", newline="") as handle:

@@ -10,12 +10,13 @@ from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from transformers import BertConfig, BertModel
 
+from rag_models.checkpoint import build_rag_model, load_rag_model, save_rag_model
 from rag_models.docs import RetrievedDocs
 from rag_models.errors import InputError
-from rag_models.factory import TinyBartSize, TinyDprSize, save_tiny_checkpoints
 from rag_models.generator import Generator
-from rag_models.rag import RagModel, build_rag_model
+from rag_models.rag import RagModel
 from rag_models.retriever import DenseEncoder, doc_scores, load_encoder, tokenize_passages
+from rag_models.tiny_models import TinyBartSize, TinyDprSize, save_tiny_checkpoints
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 QUESTIONS = ["what is the color of Quenby?", "who founded Marrowick?"]
@@ -165,16 +166,16 @@ def test_end_to_end_mode_trains_the_context_encoder(ckpt):
 
 def test_save_load_round_trip_is_exact(model, tmp_path):
     batch = model.prepare_inputs(QUESTIONS, _docs(32), ["green", "Elsa Tarn"])
-    model.save_pretrained(tmp_path / "rag")
-    model.save_pretrained(tmp_path / "rag")  # overwriting an existing save works too
+    save_rag_model(model, tmp_path / "rag")
+    save_rag_model(model, tmp_path / "rag")  # overwriting an existing save works too
     assert sorted(p.name for p in tmp_path.iterdir()) == ["rag"]
-    again = RagModel.from_pretrained(tmp_path / "rag").eval()
+    again = load_rag_model(tmp_path / "rag").eval()
     assert again.settings() == model.settings() and again.context_encoder is not None
     with torch.no_grad():
         assert torch.equal(model(**batch).nll, again(**batch).nll)
-    assert RagModel.from_pretrained(tmp_path / "rag", n_docs=1).n_docs == 1
+    assert load_rag_model(tmp_path / "rag", n_docs=1).n_docs == 1
     with pytest.raises(InputError, match="rag_config.json"):
-        RagModel.from_pretrained(tmp_path)
+        load_rag_model(tmp_path)
 
 
 def test_bad_settings_name_the_setting(ckpt):

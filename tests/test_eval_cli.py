@@ -8,35 +8,40 @@ from pathlib import Path
 import pytest
 
 from index.build_cli import build_index
-from rag_models.checkpoint import build_rag_model, saved_mode
+from rag_models.checkpoint import build_rag_model, load_rag_model, save_rag_model, saved_mode
 from rag_models.errors import InputError
-from rag_models.factory import TinyDprSize, save_tiny_checkpoints
-from rag_models.rag import RagModel
-from training.eval_cli import compose_eval_config, evaluate
-from training.eval_cli import main as eval_main
-from training.score_cli import score_files
-from training.tiny_run import make_tiny_setup
+from rag_models.tiny_models import TinyDprSize, save_tiny_checkpoints
+from training.config import compose
+from training.evaluation.eval_cli import evaluate
+from training.evaluation.eval_cli import main as eval_main
+from training.evaluation.score_cli import score_files
+
+
+def compose_eval(overrides: list[str]):
+    """The config of ``rag-eval OVERRIDES``."""
+    return compose(overrides, config_name="eval")
+
 
 N_QUESTIONS = 16  # 2 processes x 2 batches of 4: the same batches as one process, so identical answers
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    """A 100-town world, tiny models, the v1 and v2 indexes, and an (untrained) RagModel checkpoint."""
+def parts(tiny, tmp_path_factory):
+    """The session's tiny world and v1 index, a v2 index, and an (untrained) RagModel checkpoint."""
     root = tmp_path_factory.mktemp("eval")
-    setup = make_tiny_setup(root)
+    setup = tiny
     model = build_rag_model(question_encoder=str(setup.models.question_encoder), generator=str(setup.models.generator),
                             n_docs=3, max_question_length=32, max_passage_length=128, max_source_length=128)
-    model.save_pretrained(root / "rag")
+    save_rag_model(model, root / "rag")
     v2 = build_index(setup.world.v2_passages, setup.models.context_encoder, root / "index_v2", factory="Flat",
                      max_length=128, progress=False)
     return {"root": root, "setup": setup, "checkpoint": root / "rag", "index": setup.index_dir,
             "index_v2": v2.parent}
 
 
-def _overrides(tiny, out_dir: Path, *extra: str, questions: Path | None = None) -> list[str]:
-    questions = questions or tiny["setup"].world.test
-    return [f"checkpoint={tiny['checkpoint']}", f"questions={questions}", f"index.path={tiny['index']}",
+def _overrides(parts, out_dir: Path, *extra: str, questions: Path | None = None) -> list[str]:
+    questions = questions or parts["setup"].world.test
+    return [f"checkpoint={parts['checkpoint']}", f"questions={questions}", f"index.path={parts['index']}",
             f"out_dir={out_dir}", f"limit={N_QUESTIONS}", "batch_size=4", "progress=false", *extra]
 
 
@@ -45,16 +50,16 @@ def _read_jsonl(path: Path) -> list[dict]:
 
 
 @pytest.fixture(scope="module")
-def one_process(tiny):
-    out = tiny["root"] / "eval_one"
-    metrics = evaluate(compose_eval_config(_overrides(tiny, out)))
+def one_process(parts):
+    out = parts["root"] / "eval_one"
+    metrics = evaluate(compose_eval(_overrides(parts, out)))
     return out, metrics
 
 
-def test_outputs_and_provenance(tiny, one_process):
+def test_outputs_and_provenance(parts, one_process):
     out, metrics = one_process
     records = _read_jsonl(out / "predictions.jsonl")
-    questions = [json.loads(line)["question"] for line in tiny["setup"].world.test.read_text().splitlines()]
+    questions = [json.loads(line)["question"] for line in parts["setup"].world.test.read_text().splitlines()]
     assert [r["question"] for r in records] == questions[:N_QUESTIONS]  # question order kept
     for record in records:
         assert isinstance(record["prediction"], str) and record["answers"]
@@ -64,7 +69,7 @@ def test_outputs_and_provenance(tiny, one_process):
     saved = json.loads((out / "metrics.json").read_text())
     assert saved == metrics
     assert metrics["num_total"] == N_QUESTIONS and metrics["n_docs"] == 3 and metrics["devices"] == 1
-    assert metrics["strategy"] == "greedy" and metrics["index_path"] == str(tiny["index"])
+    assert metrics["strategy"] == "greedy" and metrics["index_path"] == str(parts["index"])
     # recall@k: the world has 100 passages, so every k of 1, 5, 20, 100 is reachable.
     for k in (1, 5, 20, 100):
         expected = sum(r["answer_rank"] is not None and r["answer_rank"] < k for r in records) / N_QUESTIONS
@@ -75,63 +80,63 @@ def test_outputs_and_provenance(tiny, one_process):
     assert "| exact_match |" in report and records[0]["question"] in report
 
 
-def test_rag_score_agrees_with_rag_eval(tiny, one_process, tmp_path):
+def test_rag_score_agrees_with_rag_eval(parts, one_process, tmp_path):
     out, metrics = one_process
     references = tmp_path / "refs.jsonl"
-    lines = tiny["setup"].world.test.read_text().splitlines()[:N_QUESTIONS]
+    lines = parts["setup"].world.test.read_text().splitlines()[:N_QUESTIONS]
     references.write_text("\n".join(lines) + "\n")
     scores = score_files(references, out / "predictions.jsonl")
     assert scores["exact_match"] == metrics["exact_match"] and scores["f1"] == metrics["f1"]
     # Predictions scored against another question file: a clear error naming the file and line.
     other = tmp_path / "other.jsonl"
-    other.write_text(tiny["setup"].world.dev.read_text())
+    other.write_text(parts["setup"].world.dev.read_text())
     with pytest.raises(InputError, match=r"predictions.jsonl, line 1: question .* is not in"):
         score_files(other, out / "predictions.jsonl")
 
 
-def test_test_time_n_docs_and_index_swap(tiny, tmp_path):
-    changed = tiny["setup"].world.v2_changed_test
-    metrics = evaluate(compose_eval_config(_overrides(tiny, tmp_path / "swap", "n_docs=5", f"index.path={tiny['index_v2']}",
+def test_test_time_n_docs_and_index_swap(parts, tmp_path):
+    changed = parts["setup"].world.v2_changed_test
+    metrics = evaluate(compose_eval(_overrides(parts, tmp_path / "swap", "n_docs=5", f"index.path={parts['index_v2']}",
                                                       "limit=null", questions=changed)))
     records = _read_jsonl(tmp_path / "swap" / "predictions.jsonl")
     assert metrics["n_docs"] == 5 and all(len(r["doc_ids"]) == 5 for r in records)
-    assert metrics["index_path"] == str(tiny["index_v2"])
+    assert metrics["index_path"] == str(parts["index_v2"])
     # The changed questions carry their old answers: both scores are reported.
     assert metrics["num_stale"] == len(records) > 0 and "exact_match_stale" in metrics
     assert all("stale_answers" in r for r in records)
 
 
-def test_closed_book_and_beam(tiny, tmp_path):
-    metrics = evaluate(compose_eval_config(_overrides(tiny, tmp_path / "cb", "mode=closed_book", "limit=4")))
+def test_closed_book_and_beam(parts, tmp_path):
+    metrics = evaluate(compose_eval(_overrides(parts, tmp_path / "cb", "mode=closed_book", "limit=4")))
     records = _read_jsonl(tmp_path / "cb" / "predictions.jsonl")
     assert metrics["mode"] == "closed_book" and "recall@1" not in metrics and len(records) == 4
     assert "doc_ids" not in records[0]
-    beam = evaluate(compose_eval_config(_overrides(tiny, tmp_path / "beam", "decoding=beam", "limit=4")))
+    beam = evaluate(compose_eval(_overrides(parts, tmp_path / "beam", "decoding=beam", "limit=4")))
     assert beam["strategy"] == "beam" and beam["num_total"] == 4
 
 
-def test_mode_defaults_to_how_the_checkpoint_was_trained(tiny, tmp_path):
+def test_mode_defaults_to_how_the_checkpoint_was_trained(parts, tmp_path):
     """A closed-book export says so in rag_config.json: rag-eval then needs neither mode= nor an index."""
-    model = RagModel.from_pretrained(tiny["checkpoint"])
-    model.save_pretrained(tmp_path / "cb_model", mode="closed_book")
-    assert saved_mode(tmp_path / "cb_model") == "closed_book" and saved_mode(tiny["checkpoint"]) == "rag"
-    assert RagModel.from_pretrained(tmp_path / "cb_model").n_docs == model.n_docs  # "mode" is not a model setting
-    overrides = [f"checkpoint={tmp_path / 'cb_model'}", f"questions={tiny['setup'].world.test}",
+    model = load_rag_model(parts["checkpoint"])
+    save_rag_model(model, tmp_path / "cb_model", mode="closed_book")
+    assert saved_mode(tmp_path / "cb_model") == "closed_book" and saved_mode(parts["checkpoint"]) == "rag"
+    assert load_rag_model(tmp_path / "cb_model").n_docs == model.n_docs  # "mode" is not a model setting
+    overrides = [f"checkpoint={tmp_path / 'cb_model'}", f"questions={parts['setup'].world.test}",
                  f"out_dir={tmp_path / 'cb'}", "limit=4", "batch_size=4", "progress=false"]
-    assert evaluate(compose_eval_config(overrides))["mode"] == "closed_book"
+    assert evaluate(compose_eval(overrides))["mode"] == "closed_book"
     # An explicit mode still wins: the closed-book generator may be evaluated with retrieval.
-    with_docs = evaluate(compose_eval_config([*overrides[:2], f"out_dir={tmp_path / 'rag'}", *overrides[3:],
-                                              "mode=rag", f"index.path={tiny['index']}"]))
+    with_docs = evaluate(compose_eval([*overrides[:2], f"out_dir={tmp_path / 'rag'}", *overrides[3:],
+                                              "mode=rag", f"index.path={parts['index']}"]))
     assert with_docs["mode"] == "rag" and "recall@1" in with_docs
     # A RAG checkpoint without an index is still refused, naming the setting.
     with pytest.raises(InputError, match="index.path"):
-        evaluate(compose_eval_config([f"checkpoint={tiny['checkpoint']}", *overrides[1:]]))
+        evaluate(compose_eval([f"checkpoint={parts['checkpoint']}", *overrides[1:]]))
 
 
-def test_two_processes_give_the_same_files(tiny, one_process, tmp_path):
+def test_two_processes_give_the_same_files(parts, one_process, tmp_path):
     out_one, metrics_one = one_process
     out_two = tmp_path / "two"
-    metrics_two = evaluate(compose_eval_config(_overrides(tiny, out_two, "trainer.devices=2", "trainer.accelerator=cpu")))
+    metrics_two = evaluate(compose_eval(_overrides(parts, out_two, "trainer.devices=2", "trainer.accelerator=cpu")))
     assert (out_two / "predictions.jsonl").read_text() == (out_one / "predictions.jsonl").read_text()
     differ = {"seconds", "devices"}
     assert {k: v for k, v in metrics_two.items() if k not in differ} == \
@@ -142,49 +147,49 @@ def test_two_processes_give_the_same_files(tiny, one_process, tmp_path):
 # --- bad inputs -------------------------------------------------------------------------------------
 
 
-def test_missing_files(tiny, tmp_path):
+def test_missing_files(parts, tmp_path):
     with pytest.raises(InputError, match="checkpoint directory not found"):
-        evaluate(compose_eval_config(_overrides(tiny, tmp_path / "a", f"checkpoint={tmp_path / 'nope'}")))
+        evaluate(compose_eval(_overrides(parts, tmp_path / "a", f"checkpoint={tmp_path / 'nope'}")))
     with pytest.raises(InputError, match="index directory not found"):
-        evaluate(compose_eval_config(_overrides(tiny, tmp_path / "b", f"index.path={tmp_path / 'nope'}")))
+        evaluate(compose_eval(_overrides(parts, tmp_path / "b", f"index.path={tmp_path / 'nope'}")))
     with pytest.raises(InputError, match="file not found"):
-        evaluate(compose_eval_config(_overrides(tiny, tmp_path / "c", questions=tmp_path / "nope.jsonl")))
+        evaluate(compose_eval(_overrides(parts, tmp_path / "c", questions=tmp_path / "nope.jsonl")))
     with pytest.raises(InputError, match="checkpoint.*required"):
-        evaluate(compose_eval_config([f"questions={tiny['setup'].world.test}", f"out_dir={tmp_path}"]))
+        evaluate(compose_eval([f"questions={parts['setup'].world.test}", f"out_dir={tmp_path}"]))
     assert not (tmp_path / "a").exists() and not (tmp_path / "c").exists()
 
 
-def test_index_dimension_mismatch_is_caught_before_decoding(tiny, tmp_path):
-    texts = [line for line in tiny["setup"].world.train.read_text().splitlines()]
+def test_index_dimension_mismatch_is_caught_before_decoding(parts, tmp_path):
+    texts = [line for line in parts["setup"].world.train.read_text().splitlines()]
     wide = save_tiny_checkpoints(tmp_path / "wide", texts, dpr_size=TinyDprSize(hidden_size=48, num_layers=1,
                                                                                  num_heads=2, intermediate_size=64,
                                                                                  vocab_size=300))
-    index = build_index(tiny["setup"].world.v1_passages, wide.context_encoder, tmp_path / "wide_index",
+    index = build_index(parts["setup"].world.v1_passages, wide.context_encoder, tmp_path / "wide_index",
                         factory="Flat", max_length=128, progress=False).parent
     with pytest.raises(InputError) as caught:
-        evaluate(compose_eval_config(_overrides(tiny, tmp_path / "out", f"index.path={index}")))
+        evaluate(compose_eval(_overrides(parts, tmp_path / "out", f"index.path={index}")))
     message = str(caught.value)
     assert "32-dimensional" in message and "48-dimensional" in message
-    assert str(tiny["checkpoint"]) in message and str(index) in message
+    assert str(parts["checkpoint"]) in message and str(index) in message
     assert not (tmp_path / "out").exists()  # nothing was decoded or written
 
 
 @pytest.mark.slow  # spawns 2 processes that each import torch (20-50 s on 2 busy cores)
-def test_bad_input_in_two_processes_reads_as_an_input_error(tiny, tmp_path):
+def test_bad_input_in_two_processes_reads_as_an_input_error(parts, tmp_path):
     bad = tmp_path / "index_of_nothing"
     bad.mkdir()
     with pytest.raises(InputError, match="manifest"):
-        evaluate(compose_eval_config(_overrides(tiny, tmp_path / "o", f"index.path={bad}", "trainer.devices=2",
+        evaluate(compose_eval(_overrides(parts, tmp_path / "o", f"index.path={bad}", "trainer.devices=2",
                                                 "trainer.accelerator=cpu")))
 
 
-def test_command_line(tiny, tmp_path, monkeypatch, capsys):
+def test_command_line(parts, tmp_path, monkeypatch, capsys):
     out = tmp_path / "cli"
-    monkeypatch.setattr(sys, "argv", ["rag-eval", *_overrides(tiny, out, "limit=4")])
+    monkeypatch.setattr(sys, "argv", ["rag-eval", *_overrides(parts, out, "limit=4")])
     eval_main()
     printed = capsys.readouterr().out
     assert "exact_match" in printed and (out / "metrics.json").is_file() and (out / ".hydra").is_dir()
-    monkeypatch.setattr(sys, "argv", ["rag-eval", *_overrides(tiny, tmp_path / "bad", f"checkpoint={tmp_path / 'missing'}")])
+    monkeypatch.setattr(sys, "argv", ["rag-eval", *_overrides(parts, tmp_path / "bad", f"checkpoint={tmp_path / 'missing'}")])
     with pytest.raises(SystemExit) as exited:
         eval_main()
     assert exited.value.code == 2
@@ -193,11 +198,11 @@ def test_command_line(tiny, tmp_path, monkeypatch, capsys):
 
 
 @pytest.mark.slow  # spawns 2 processes (20-50 s on 2 busy cores)
-def test_two_processes_with_a_sharded_index_and_uneven_shares(tiny, tmp_path):
+def test_two_processes_with_a_sharded_index_and_uneven_shares(parts, tmp_path):
     # 9 questions in batches of 4: rank 0 runs 1 batch, rank 1 runs 2, so rank 0 must join the
     # second collective search with no queries. The batches are those of one process.
-    one = evaluate(compose_eval_config(_overrides(tiny, tmp_path / "one", "limit=9")))
-    two = evaluate(compose_eval_config(_overrides(tiny, tmp_path / "two", "limit=9", "trainer.devices=2",
+    one = evaluate(compose_eval(_overrides(parts, tmp_path / "one", "limit=9")))
+    two = evaluate(compose_eval(_overrides(parts, tmp_path / "two", "limit=9", "trainer.devices=2",
                                                   "trainer.accelerator=cpu", "index.sharded=true")))
     assert (tmp_path / "two" / "predictions.jsonl").read_text() == (tmp_path / "one" / "predictions.jsonl").read_text()
     assert two["exact_match"] == one["exact_match"] and two["recall@5"] == one["recall@5"]

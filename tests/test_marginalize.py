@@ -9,12 +9,7 @@ import torch
 from transformers import RagSequenceForGeneration, RagTokenForGeneration
 
 from rag_models.errors import InputError
-from rag_models.marginalize import (
-    rag_sequence_nll,
-    rag_token_nll,
-    rag_token_step_logprobs,
-    sequence_logprobs,
-)
+from rag_models.marginalize import rag_sequence_nll, rag_token_nll, rag_token_step_logprobs, sequence_logprobs
 
 PAD, BOS, EOS = 1, 0, 2
 B, K, T, V = 3, 4, 6, 11

@@ -6,25 +6,24 @@ import unicodedata
 from pathlib import Path
 
 import pytest
-import torch
 
 from conftest import require_nq_dev
-from rag_models.docs import RetrievedDocs
 from rag_models.errors import InputError
-from training.metrics import (
+from training.data.questions import QAExample, read_questions
+from training.evaluation.metrics import (
     answer_in_text,
+    answer_ranks,
+    batch_sums,
     exact_match,
     f1_score,
     first_answer_rank,
     normalize_answer,
-    recall_at_k,
+    recall_hits,
     regex_match,
     score_predictions,
 )
-from training.questions import QAExample, read_questions
-from training.rag_predict import Prediction, score_batch
-from training.score_cli import main as score_main
-from training.score_cli import score_files
+from training.evaluation.score_cli import main as score_main
+from training.evaluation.score_cli import score_files
 
 
 def _write_jsonl(path: Path, records: list[dict]) -> Path:
@@ -112,9 +111,9 @@ def test_answer_in_text_needs_whole_tokens():
 def test_recall_at_k_counts_first_hit_and_skips_deeper_k():
     answers = [["a1"], ["b1"], ["c1"]]
     texts = [["a1 here", "x", "y"], ["x", "y", "b1 there"], ["x", "y", "z"]]
-    recall = recall_at_k(answers, texts, ks=(1, 2, 3, 5))
-    assert recall == {"recall@1": pytest.approx(1 / 3), "recall@2": pytest.approx(1 / 3),
-                      "recall@3": pytest.approx(2 / 3)}
+    ranks = answer_ranks(answers, texts)
+    assert ranks == [0, 2, None]
+    assert recall_hits(ranks, ks=(1, 2, 3, 5), depth=3) == {"recall@1": 1, "recall@2": 1, "recall@3": 2}
 
 
 def test_first_answer_rank_reads_the_text_not_the_title():
@@ -239,8 +238,9 @@ def test_cli_missing_and_regex(tmp_path, refs_file, capsys):
 
 
 def test_validation_recall_ignores_titles_as_rag_eval_does():
-    """Training's val/recall@k (score_batch) counts a hit only in the passage text, like rag-eval's recall@k."""
-    docs = RetrievedDocs(ids=torch.tensor([[0, 1]]), scores=torch.zeros(1, 2), vectors=torch.zeros(1, 2, 4),
-                         titles=[["Paris", "Lyon"]], texts=[["a city on a river", "Paris is near"]])
-    sums = score_batch([Prediction("where?", "Paris")], [["Paris"]], torch.tensor([True]), docs, (1, 2))
-    assert sums["recall@1"] == 0.0 and sums["recall@2"] == 1.0 and sums["em"] == 1.0
+    """Training's val/recall@k (batch_sums) counts a hit only in the passage text, like rag-eval's recall@k."""
+    titles, texts = ["Paris", "Lyon"], ["a city on a river", "Paris is near"]
+    ranks = answer_ranks([["Paris"]], [texts])
+    assert ranks == [1] and first_answer_rank(["Paris"], titles) == 0  # the title alone would count at rank 0
+    sums = batch_sums(["Paris"], [["Paris"]], ranks, (1, 2, 5), depth=2)
+    assert sums == {"em": 1.0, "f1": 1.0, "count": 1.0, "recall@1": 0.0, "recall@2": 1.0}

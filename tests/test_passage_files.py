@@ -7,13 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from index.passage_files import (
-    Passage,
-    iter_passages,
-    passage_format,
-    write_passages_jsonl,
-    write_passages_tsv,
-)
+from index.passage_files import Passage, iter_passages, passage_format, write_passages_jsonl, write_passages_tsv
 from rag_models.errors import InputError
 
 TRICKY = [

@@ -5,11 +5,11 @@ import json
 from pathlib import Path
 
 import pytest
-from conftest import require_nq_dev
 
+from conftest import require_nq_dev
 from index.passage_files import Passage
 from rag_models.errors import InputError
-from training.questions import (
+from training.data.questions import (
     DprExample,
     QAExample,
     examples_from_records,

@@ -19,10 +19,10 @@ import torch
 from transformers import PreTrainedTokenizerBase
 
 from rag_models.docs import RetrievedDocs
-from rag_models.factory import TinyBartSize, TinyDprSize, tiny_bart, tiny_dpr_encoder
 from rag_models.generator import Generator
 from rag_models.rag import RagModel
 from rag_models.retriever import DenseEncoder, tokenize_passages
+from rag_models.tiny_models import TinyBartSize, TinyDprSize, tiny_bart, tiny_dpr_encoder
 from rag_models.tokenization import dpr_tokenizers, train_bart_tokenizer, train_wordpiece_vocab
 
 COLORS = ["red", "blue", "green", "yellow", "purple", "orange", "black", "white"]

@@ -16,10 +16,10 @@ from transformers import RagConfig, RagSequenceForGeneration, RagTokenForGenerat
 from transformers.models.rag.retrieval_rag import RagRetriever
 
 from rag_models.docs import RetrievedDocs
-from rag_models.factory import TinyBartSize, TinyDprSize, tiny_bart, tiny_dpr_encoder
 from rag_models.generator import Generator
 from rag_models.rag import RagModel
 from rag_models.retriever import DenseEncoder
+from rag_models.tiny_models import TinyBartSize, TinyDprSize, tiny_bart, tiny_dpr_encoder
 from rag_models.tokenization import dpr_tokenizers, train_bart_tokenizer, train_wordpiece_vocab
 
 QUESTIONS = ["what is the color of Quenby?", "who founded Marrowick?", "which river flows through Tarn?"]

@@ -8,10 +8,12 @@ import pytest
 import torch
 
 from rag_models.errors import InputError
-from training.checkpoint_io import atomic_torch_save, safe_torch_load
-from training.resumable import ResumableSampler, capture_rng_state, restore_rng_state
-from training.tiny_run import TinySetup, make_tiny_setup, tiny_overrides
-from training.train_cli import compose_config, train
+from tiny_setup import TinySetup, tiny_overrides
+from training.config import compose
+from training.data.sampler import ResumableSampler
+from training.lit.checkpoint_io import atomic_torch_save, safe_torch_load
+from training.lit.resume import capture_rng_state, restore_rng_state
+from training.lit.train_cli import train
 
 
 class Killed(RuntimeError):
@@ -27,15 +29,9 @@ class KillAtStep(pl.Callback):
             raise Killed(f"killed before step {self.step + 1}")
 
 
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory: pytest.TempPathFactory) -> TinySetup:
-    torch.set_num_threads(1)
-    return make_tiny_setup(tmp_path_factory.mktemp("tiny_resume"))  # dropout on: the RNG state matters
-
-
 def _config(tiny: TinySetup, run_dir: Path, *extra: str):
     # 358 training questions / batch 8 = 45 batches per epoch: steps 1-7 are all mid-epoch.
-    return compose_config([
+    return compose([
         "experiment=demo", *tiny_overrides(tiny, run_dir), "trainer.deterministic=true", "trainer.max_steps=7",
         "data.batch_size=8", "trainer.val_check_interval=3", "data.max_val_examples=4", "test=false",
         "callbacks.checkpoint_last.every_n_train_steps=2", "module.warmup_steps=2", "logger=none",

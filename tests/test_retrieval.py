@@ -11,6 +11,7 @@ from index.faiss_index import DenseIndex
 from index.passage_files import Passage
 from index.passages import PassageStore
 from index.retrieval import Retriever
+from index.settings import IndexSettings
 from index.torch_index import TorchIndex
 from rag_models.docs import RetrievedDocs
 from rag_models.errors import InputError
@@ -119,7 +120,7 @@ _TINY_FACTORY = {"Flat": "Flat", "HNSW32": "HNSW32", "IVF4096,PQ64": "IVF2,PQ2x4
 
 
 @pytest.mark.parametrize("option", sorted(p.stem for p in CONFIG_DIR.glob("*.yaml")))
-def test_index_configs_instantiate_a_retriever(tmp_path, option):
+def test_index_configs_instantiate_settings_that_open_a_retriever(tmp_path, option):
     from hydra import compose, initialize_config_dir
     from hydra.utils import instantiate
 
@@ -129,6 +130,8 @@ def test_index_configs_instantiate_a_retriever(tmp_path, option):
     factory = _TINY_FACTORY[cfg.factory]
     world, vectors = _world(tmp_path, "A", factory=factory)
     overrides = {"path": str(world)} | ({"factory": factory} if cfg.factory is not None else {})
-    retriever = instantiate(cfg, **overrides)
+    settings = instantiate(cfg, **overrides)
+    assert isinstance(settings, IndexSettings) and settings.path == str(world)
+    retriever = settings.open()
     assert isinstance(retriever, Retriever) and len(retriever) == N
     assert retriever.retrieve(torch.from_numpy(vectors[:2]), 2).ids.shape == (2, 2)

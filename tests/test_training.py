@@ -8,26 +8,21 @@ from pathlib import Path
 import pytest
 import torch
 
+from rag_models.checkpoint import load_rag_model
 from rag_models.errors import InputError
-from rag_models.rag import RagModel
-from training.datamodule import QADataModule
-from training.optim import param_groups
-from training.schedule import parse_refresh_schedule, refresh_due, warmup_decay_factor
-from training.tiny_run import TinySetup, make_tiny_setup, tiny_dpr_overrides, tiny_overrides
-from training.train_cli import CONFIG_DIR, compose_config, train
+from tiny_setup import TinySetup, tiny_dpr_overrides, tiny_overrides
+from training.config import CONFIG_DIR, compose
+from training.data.qa_datamodule import QADataModule
+from training.lit.optim import param_groups
+from training.lit.schedule import parse_refresh_schedule, refresh_due, warmup_decay_factor
+from training.lit.train_cli import train
 
 EXPERIMENTS = sorted(p.stem for p in (CONFIG_DIR / "experiment").glob("*.yaml"))
 
 
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory: pytest.TempPathFactory) -> TinySetup:
-    torch.set_num_threads(1)
-    return make_tiny_setup(tmp_path_factory.mktemp("tiny"))
-
-
 def _config(experiment: str, tiny: TinySetup, run_dir: Path, *extra: str):
     overrides = tiny_dpr_overrides if experiment.startswith("dpr") else tiny_overrides
-    return compose_config([f"experiment={experiment}", *overrides(tiny, run_dir), *extra])
+    return compose([f"experiment={experiment}", *overrides(tiny, run_dir), *extra])
 
 
 def _read_csv_metrics(run_dir: Path) -> list[dict[str, str]]:
@@ -72,7 +67,7 @@ def test_loss_decreases_and_metrics_are_logged(tiny: TinySetup, tmp_path: Path):
     assert all(abs(g / q - 30.0) < 1e-6 for q, g in zip(q_lr, g_lr) if q > 0)
     assert max(g_lr) == pytest.approx(3e-3) and g_lr[0] < g_lr[3] and g_lr[-1] < g_lr[5]
     # The exported directory is what rag-eval loads.
-    reloaded = RagModel.from_pretrained(result.export_dir)
+    reloaded = load_rag_model(result.export_dir)
     assert reloaded.n_docs == 3 and reloaded.marginalization == "sequence"
 
 

@@ -17,7 +17,7 @@ import unicodedata
 from collections import Counter
 from collections.abc import Mapping, Sequence
 from functools import lru_cache
-from typing import Any, Protocol
+from typing import Any
 
 from rag_models.errors import InputError
 
@@ -26,13 +26,6 @@ _PUNCTUATION = frozenset(string.punctuation)
 _ARTICLES = re.compile(r"\b(?:a|an|the)\b")
 # DPR's CuratedTrec scoring compiles the reference patterns with these flags.
 _REGEX_FLAGS = re.IGNORECASE | re.UNICODE | re.MULTILINE
-
-
-class Reference(Protocol):
-    """Anything with a question and its accepted answers (``training.questions.QAExample``)."""
-
-    question: str
-    answers: Sequence[str]
 
 
 def normalize_answer(s: str) -> str:
@@ -161,25 +154,44 @@ def score_predictions(references: Sequence[Any], predictions: Mapping[str, str],
 def first_answer_rank(answers: Sequence[str], texts: Sequence[str], *, regex: bool = False) -> int | None:
     """0-based rank of the first passage text that contains a reference answer, or None.
 
-    DPR's convention, used by training's ``val/recall@k`` and by ``rag-eval`` alike:
-    the passage text only, not its title (a title that names the answer is not evidence).
+    DPR's convention: the passage text only, not its title (a title that names the
+    answer is not evidence).
     """
     return next((rank for rank, text in enumerate(texts) if answer_in_text(answers, text, regex=regex)), None)
 
 
-def recall_at_k(answers_per_question: Sequence[Sequence[str]], texts_per_question: Sequence[Sequence[str]],
-                ks: Sequence[int], *, regex: bool = False) -> dict[str, float]:
-    """Fraction of questions with an answer in their top-k passages, for each k up to the retrieved depth.
+def answer_ranks(answers_per_question: Sequence[Sequence[str]], texts_per_question: Sequence[Sequence[str]],
+                 *, regex: bool = False) -> list[int | None]:
+    """For each question, the rank of its first retrieved passage that holds an answer (None: none does).
 
-    ``texts_per_question[i]`` are question i's passage texts best first (without titles,
-    as :func:`first_answer_rank` expects). Keys are ``recall@k``; a k deeper than what was
-    retrieved for some question is left out rather than reported optimistically.
+    ``texts_per_question[i]`` are question i's passage texts, best first, without titles.
+    Training's ``val/recall@k`` and rag-eval's ``answer_rank`` and ``recall@k`` all come from here.
     """
-    if not answers_per_question:
-        return {}
-    depth = min(len(texts) for texts in texts_per_question)
-    # Position of the first passage that holds an answer, or None: one pass serves every k.
-    first_hit = [first_answer_rank(answers, texts, regex=regex)
-                 for answers, texts in zip(answers_per_question, texts_per_question)]
-    total = len(first_hit)
-    return {f"recall@{k}": sum(h is not None and h < k for h in first_hit) / total for k in ks if k <= depth}
+    return [first_answer_rank(answers, texts, regex=regex)
+            for answers, texts in zip(answers_per_question, texts_per_question)]
+
+
+def recall_hits(ranks: Sequence[int | None], ks: Sequence[int], depth: int) -> dict[str, int]:
+    """``{"recall@k": questions with an answer in their top k}`` for each k up to the retrieved ``depth``.
+
+    Divide by the number of questions for recall@k (top-k retrieval accuracy, as DPR and
+    RAG report it); a k deeper than what was retrieved is left out rather than reported
+    optimistically. Counts, not fractions, so that ranks of several processes add up exactly.
+    """
+    return {f"recall@{k}": sum(rank is not None and rank < k for rank in ranks) for k in ks if k <= depth}
+
+
+def batch_sums(predictions: Sequence[str], references: Sequence[Sequence[str]], ranks: Sequence[int | None] | None,
+               recall_ks: Sequence[int], depth: int) -> dict[str, float]:
+    """Sums over a batch of questions: ``em``, ``f1``, ``count`` and (with ``ranks``) each ``recall@k`` hit count.
+
+    Dividing each by the summed ``count`` (after adding the sums of every batch and rank)
+    gives training's val/em, val/f1 and val/recall@k.
+    """
+    sums = {"em": 0.0, "f1": 0.0, "count": float(len(predictions))}
+    for prediction, answers in zip(predictions, references):
+        sums["em"] += float(exact_match(prediction, answers))
+        sums["f1"] += f1_score(prediction, answers)
+    if ranks is not None:
+        sums.update({key: float(hits) for key, hits in recall_hits(ranks, recall_ks, depth).items()})
+    return sums

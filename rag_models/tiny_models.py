@@ -1,41 +1,23 @@
-"""Build tiny random-init models offline, and load real checkpoints by name or path.
+"""Tiny random-init DPR encoders and BART, built offline and saved as ordinary checkpoints.
 
-Both go through the same road: tiny models are *saved* as ordinary checkpoints
-(`save_pretrained`) and then loaded back with the very loaders that load
-`facebook/bart-large` or `facebook/dpr-question_encoder-single-nq-base`. So the
-demo and the tests exercise the real loading path, only with small weights.
+The demo and the tests train tokenizers on a local corpus (`rag_models/tokenization.py`),
+build the models from configs, and save them with `save_pretrained`; everything
+downstream then loads them through `rag_models/loaders.py`, the road the real
+checkpoints take.
 """
 from __future__ import annotations
 
-import os
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from transformers import (
-    AutoConfig,
-    AutoModel,
-    AutoModelForSeq2SeqLM,
-    AutoTokenizer,
-    BartConfig,
-    BartForConditionalGeneration,
-    DPRConfig,
-    DPRContextEncoder,
-    DPRQuestionEncoder,
-    PreTrainedModel,
-    PreTrainedTokenizerBase,
-)
+from transformers import BartConfig, BartForConditionalGeneration, DPRConfig, PreTrainedModel, PreTrainedTokenizerBase
 
 from rag_models.atomic import atomic_directory
 from rag_models.errors import InputError
+from rag_models.loaders import DPR_CLASSES
 from rag_models.tokenization import dpr_tokenizers, train_bart_tokenizer, train_wordpiece_vocab
-
-# Which DPR class serves which side; a non-DPR encoder loads with AutoModel.
-_DPR_CLASSES: dict[str, type[PreTrainedModel]] = {
-    "question": DPRQuestionEncoder,
-    "context": DPRContextEncoder,
-}
 
 
 @dataclass(frozen=True)
@@ -56,7 +38,7 @@ class TinyBartSize:
 
     init_std 0.06 rather than BART's 0.02: measured on the demo world, a tiny BART
     with 0.02 collapses to one constant answer; with 0.06 it learns to copy.
-    dropout is BART's 0.1 here; the demo turns it off (training/demo_stages.py says why).
+    dropout is BART's 0.1 here; the demo turns it off (training/demo/stages.py says why).
     """
 
     d_model: int = 128
@@ -89,7 +71,7 @@ def tiny_dpr_encoder(role: str, vocab_size: int, size: TinyDprSize, seed: int) -
         max_position_embeddings=size.max_positions,
     )
     torch.manual_seed(seed)
-    return _DPR_CLASSES[role](config).eval()
+    return DPR_CLASSES[role](config).eval()
 
 
 def tiny_bart(tokenizer: PreTrainedTokenizerBase, size: TinyBartSize, seed: int) -> BartForConditionalGeneration:
@@ -135,7 +117,7 @@ def save_tiny_checkpoints(
     """Train tokenizers on `texts`, build tiny DPR encoders and BART, save all three.
 
     Writes `out_dir/question_encoder`, `out_dir/context_encoder`, `out_dir/generator`,
-    each a normal checkpoint directory that the `load_*` functions below read.
+    each a normal checkpoint directory that `rag_models.loaders` reads.
     """
     texts = list(texts)
     if not texts:
@@ -154,35 +136,3 @@ def save_tiny_checkpoints(
     return paths
 
 
-def load_encoder_checkpoint(name_or_path: str | Path, role: str) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    """Load a question or context encoder and its tokenizer by hub name or local path.
-
-    A DPR checkpoint loads with its DPR class; any other encoder (BERT, RoBERTa,
-    Contriever, ...) with AutoModel (pooling is then chosen by the retriever wrapper).
-    """
-    if role not in _DPR_CLASSES:
-        raise InputError(f"unknown encoder role {role!r}", setting="role", fix="use 'question' or 'context'")
-    config = _load_config(name_or_path)
-    model_class = _DPR_CLASSES[role] if config.model_type == "dpr" else AutoModel
-    model = model_class.from_pretrained(str(name_or_path))
-    return model.eval(), AutoTokenizer.from_pretrained(str(name_or_path))
-
-
-def load_generator_checkpoint(name_or_path: str | Path) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    """Load any transformers seq2seq model (BART by default) and its tokenizer."""
-    _load_config(name_or_path)
-    model = AutoModelForSeq2SeqLM.from_pretrained(str(name_or_path))
-    return model.eval(), AutoTokenizer.from_pretrained(str(name_or_path))
-
-
-def _load_config(name_or_path: str | Path) -> AutoConfig:
-    """The checkpoint's config, or an error that says offline / missing plainly."""
-    try:
-        return AutoConfig.from_pretrained(str(name_or_path))
-    except OSError as err:
-        offline = os.environ.get("HF_HUB_OFFLINE") == "1"
-        hint = (
-            "it is neither a local checkpoint directory nor reachable on the hub "
-            + ("(HF_HUB_OFFLINE=1 is set: unset it on a machine with network access, or pass a local path)" if offline else "")
-        )
-        raise InputError(f"cannot load model {str(name_or_path)!r}: {hint}", setting="model name or path", fix=str(err).splitlines()[0]) from err

@@ -23,12 +23,13 @@ import torch
 from tqdm.auto import tqdm
 
 from index.build_cli import build_index
-from rag_models.atomic import atomic_write_text
 from index.passage_files import iter_passages
-from rag_models.factory import CheckpointPaths, TinyBartSize, TinyDprSize, save_tiny_checkpoints
-from training.demo_world import WorldFiles, world_files, write_world
-from training.eval_cli import compose_eval_config, evaluate
-from training.train_cli import TrainResult, compose_config, train
+from rag_models.atomic import atomic_write_text
+from rag_models.tiny_models import CheckpointPaths, TinyBartSize, TinyDprSize, save_tiny_checkpoints
+from training.config import compose
+from training.demo.world import WorldFiles, world_files, write_world
+from training.evaluation.eval_cli import evaluate
+from training.lit.train_cli import TrainResult, train
 
 # Hydra override values made only of these characters need no quoting.
 _PLAIN_VALUE = re.compile(r"^[\w./\-]+$")
@@ -159,7 +160,7 @@ def train_overrides(out: Path, experiment: str, run_name: str, plan: DemoPlan, s
 
 def train_stage(out: Path, experiment: str, run_name: str, plan: DemoPlan, seed: int) -> TrainResult:
     """``rag-train experiment=EXPERIMENT`` into ``out/RUN_NAME``, in this process."""
-    return train(compose_config(train_overrides(out, experiment, run_name, plan, seed)))
+    return train(compose(train_overrides(out, experiment, run_name, plan, seed)))
 
 
 class StepFile(pl.Callback):
@@ -183,9 +184,9 @@ def _train_child(out: Path, experiment: str, run_name: str, plan: DemoPlan, seed
     os.dup2(log.fileno(), 2)
     step_file = override("+callbacks.demo_progress.path", out / run_name / "step")
     overrides = train_overrides(out, experiment, run_name, plan, seed)
-    overrides += ["+callbacks.demo_progress._target_=training.demo_stages.StepFile", step_file,
+    overrides += ["+callbacks.demo_progress._target_=training.demo.stages.StepFile", step_file,
                   "trainer.enable_progress_bar=false"]
-    train(compose_config(overrides))
+    train(compose(overrides))
 
 
 def _failed(run_dir: Path, code: int | None) -> RuntimeError:
@@ -204,7 +205,7 @@ def train_in_parallel(out: Path, jobs: dict[str, str], plan: DemoPlan, seed: int
     started = time.perf_counter()
     procs, bars, seconds = {}, {}, {}
     for position, (name, experiment) in enumerate(jobs.items()):
-        total = compose_config(train_overrides(out, experiment, name, plan, seed)).trainer.max_steps
+        total = compose(train_overrides(out, experiment, name, plan, seed)).trainer.max_steps
         bars[name] = tqdm(total=total, desc=f"{name:>12}", unit="step", position=position)
         procs[name] = context.Process(target=_train_child, args=(out, experiment, name, plan, seed), name=name)
         procs[name].start()
@@ -243,7 +244,7 @@ def eval_stage(out: Path, name: str, checkpoint: Path, questions: Path, plan: De
                  *plan.eval_overrides]
     # No index: the closed-book checkpoint, which rag-eval evaluates without retrieval (its rag_config.json says so).
     overrides += [override("index.path", index)] if index is not None else []
-    metrics = evaluate(compose_eval_config(overrides))
+    metrics = evaluate(compose(overrides, config_name="eval"))
     shown = {k: round(v, 4) for k, v in metrics.items() if k.startswith(("exact_match", "recall@"))}
     print(f"{name}: {json.dumps(shown)}", flush=True)
     return metrics

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from collections import defaultdict
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -25,35 +26,51 @@ import torch
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
-from decoding.answer import DecodingSettings
+from decoding.answer import Answer, DecodingSettings, decode_retrieved
+from decoding.closed_book import answer_closed_book
+from decoding.retrieve import Retrieval, retrieve
 from index.retrieval import Retriever
-from rag_models.checkpoint import MODES
+from index.settings import IndexSettings
+from rag_models.checkpoint import MODES, save_rag_model
 from rag_models.docs import RetrievedDocs
 from rag_models.errors import InputError
-from rag_models.marginalize import rag_sequence_nll
 from rag_models.rag import RagModel
 from rag_models.retriever import freeze
-from training.optim import configure_optimizer, param_groups
-from training.rag_predict import (
-    Prediction,
-    closed_book_inputs,
-    predict_closed_book,
-    predict_rag,
-    retrieve,
-    score_batch,
-)
+from training.evaluation.metrics import answer_ranks, batch_sums
+from training.lit.optim import configure_optimizer, param_groups
+
+# How val/test answers are decoded when the config gives no decoding group.
+DEFAULT_EVAL_DECODING = DecodingSettings(strategy="fast", num_beams=1, max_length=20)
 
 
 class RagLitModule(pl.LightningModule):
-    """Trains a `RagModel` (question encoder + generator; context encoder optional) on question-answer pairs."""
+    """Trains a `RagModel` (question encoder + generator; context encoder optional) on question-answer pairs.
+
+    Args:
+        model: the RagModel to train (configs/model/); its n_docs docs are read per training question.
+        optimizer: a partial optimizer class (e.g. AdamW with betas, eps) that takes the param groups.
+        index: the `index` group; opened on each rank in `setup` (its ``path`` is needed in "rag" mode).
+        mode: "rag" (retrieve, marginalize) or "closed_book" (the generator reads the question alone).
+        lr_question_encoder, lr_generator, lr_context_encoder: learning rates per component (before the
+            schedule's factor); the context encoder's applies only when the model trains it.
+        train_question_encoder: False freezes it (the frozen-retriever baseline; always frozen closed-book).
+        weight_decay: AdamW decay of the weight matrices (biases and norms never decay).
+        schedule: "linear" (warm-up, then linear decay to ``final_lr_factor``) or "constant" after warm-up.
+        warmup_steps: optimizer steps of linear warm-up.
+        final_lr_factor: the lr multiplier reached at the last step (linear schedule), in [0, 1].
+        decoding: how val/test answers are decoded (configs/decoding/); default: fast, one beam per doc.
+        eval_n_docs: docs read per val/test answer; None: the decoding's n_docs, else the model's.
+        recall_ks: the k of ``val/recall@k`` (an answer in a top-k passage), each up to the index size.
+
+    Raises InputError for an unknown mode; the other settings are checked where they are used.
+    """
 
     def __init__(
         self,
         *,
         model: RagModel,
         optimizer: Callable[..., Optimizer],
-        index_path: str | None = None,
-        index_options: dict[str, Any] | None = None,
+        index: IndexSettings | None = None,
         mode: str = "rag",
         lr_question_encoder: float = 3e-5,
         lr_generator: float = 3e-5,
@@ -72,18 +89,16 @@ class RagLitModule(pl.LightningModule):
             raise InputError(f"unknown mode {mode!r}", setting="module.mode", fix=f"use one of {MODES}")
         self.model = model
         self.optimizer_factory = optimizer
-        self.index_path = index_path
-        self.index_options = dict(index_options or {})
+        self.index = index or IndexSettings()
         self.mode = mode
-        self.lrs = {"question_encoder": lr_question_encoder, "generator": lr_generator, "context_encoder": lr_context_encoder}
+        self.lrs = {"question_encoder": lr_question_encoder, "generator": lr_generator,
+                    "context_encoder": lr_context_encoder}
         self.train_question_encoder = train_question_encoder and mode == "rag"
         self.weight_decay = weight_decay
         self.schedule = {"schedule": schedule, "warmup_steps": warmup_steps, "final_lr_factor": final_lr_factor}
-        settings = (decoding or DecodingSettings(strategy="fast", num_beams=1, max_length=20)).as_kwargs()
-        # Docs read per val/test answer: eval_n_docs, else the decoding config's, else as trained.
-        settings["n_docs"] = eval_n_docs or settings.get("n_docs") or model.n_docs
-        settings["num_return_sequences"] = 1
-        self.decoding = settings
+        decoding = decoding or DEFAULT_EVAL_DECODING
+        # Docs read per val/test answer: eval_n_docs, else the decoding config's, else as trained; one answer each.
+        self.decoding = replace(decoding, n_docs=eval_n_docs or decoding.n_docs or model.n_docs, num_return_sequences=1)
         self.recall_ks = tuple(int(k) for k in recall_ks)
         if not self.train_question_encoder:
             freeze(model.question_encoder)  # the frozen-retriever baseline (and closed-book)
@@ -99,14 +114,7 @@ class RagLitModule(pl.LightningModule):
     def setup(self, stage: str) -> None:
         """Open the index on this rank (its own replica, or its slice when sharded)."""
         if self.mode == "rag" and self.retriever is None:
-            options = dict(self.index_options)
-            # One process holds the whole index anyway; sharding would need torch.distributed for nothing.
-            options["sharded"] = bool(options.get("sharded", False)) and self.trainer.world_size > 1
-            self.retriever = Retriever.from_dir(self.index_path, **options)
-
-    def attach_retriever(self, retriever: Retriever) -> None:
-        """Use an already opened retriever (tests, notebooks) instead of ``index_path``."""
-        self.retriever = retriever
+            self.retriever = self.index.open(world_size=self.trainer.world_size)
 
     def frozen_parts(self) -> list[nn.Module]:
         """Components that do not train: kept in eval mode so dropout never perturbs them."""
@@ -130,8 +138,8 @@ class RagLitModule(pl.LightningModule):
         if self.model.train_context_encoder:
             components["context_encoder"] = (self.model.context_encoder, self.lrs["context_encoder"])
         groups = param_groups(components, weight_decay=self.weight_decay)
-        return configure_optimizer(groups, self.optimizer_factory, total_steps=int(self.trainer.estimated_stepping_batches),
-                                   **self.schedule)
+        total_steps = int(self.trainer.estimated_stepping_batches)
+        return configure_optimizer(groups, self.optimizer_factory, total_steps=total_steps, **self.schedule)
 
     # ---- training -----------------------------------------------------------------------------
     def _to_device(self, inputs: dict[str, Any]) -> dict[str, Any]:
@@ -140,25 +148,23 @@ class RagLitModule(pl.LightningModule):
     def _rag_loss(self, questions: list[str], targets: list[str]) -> tuple[Tensor, Tensor, int]:
         """(loss (), nll (B,), generator tokens) with retrieval; q.d keeps its gradient."""
         if self.retriever is None:
-            raise InputError("no index to retrieve from", setting="index.path", fix="set index.path to a rag-build-index directory")
-        _, docs = retrieve(self.model, self.retriever, questions, self.model.n_docs, self.device)
+            raise InputError("no index to retrieve from", setting="index.path",
+                             fix="set index.path to a rag-build-index directory")
+        docs = retrieve(self.model, self.retriever, questions, self.model.n_docs).docs  # (B, K), no gradient
         inputs = self._to_device(self.model.prepare_inputs(questions, docs, targets))
-        out = self.model(**inputs)
-        tokens = int(inputs["context_attention_mask"].sum() + inputs["target"].ne(self.model.generator.pad_token_id).sum())
+        out = self.model(**inputs)  # q recomputed with gradient: q . d trains the question encoder
+        pad = self.model.generator.pad_token_id
+        tokens = int(inputs["context_attention_mask"].sum() + inputs["target"].ne(pad).sum())
         return out.loss, out.nll, tokens
 
     def _closed_book_loss(self, questions: list[str], targets: list[str]) -> tuple[Tensor, Tensor, int]:
         """(loss, nll, tokens) of the generator reading the question alone (one pseudo-doc, p(z|x) = 1)."""
         gen = self.model.generator
-        ids, mask = (t.to(self.device) for t in closed_book_inputs(self.model, questions))  # (B, L)
+        ids, mask = (t.to(self.device) for t in gen.build_question_inputs(questions))  # (B, L)
         decoder_input_ids, target = (t.to(self.device) for t in gen.prepare_targets(targets))  # (B, T)
-        logits = gen(ids, mask, decoder_input_ids)  # (B, T, V)
-        scores = logits.new_zeros(len(questions), 1)  # (B, 1)
-        loss_of = lambda smoothing: rag_sequence_nll(logits, scores, target, gen.pad_token_id, label_smoothing=smoothing,
-                                                    exclude_bos_score=self.model.exclude_bos_score, bos_token_id=gen.bos_token_id)
-        nll = loss_of(0.0)  # (B,)
-        objective = nll if self.model.label_smoothing == 0 else loss_of(self.model.label_smoothing)
-        loss = objective.mean() if self.model.loss_reduction == "mean" else objective.sum()
+        logits = gen(ids, mask, decoder_input_ids)  # (B*1, T, V): one pseudo-doc per question
+        scores = logits.new_zeros(len(questions), 1)  # (B, 1): log p(z|x) = 0
+        loss, nll = self.model.marginal_loss(logits, scores, target)  # the model's own smoothing and reduction
         return loss, nll, int(mask.sum() + target.ne(gen.pad_token_id).sum())
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, Any]:
@@ -171,17 +177,29 @@ class RagLitModule(pl.LightningModule):
         return {"loss": loss, "n_questions": len(questions), "n_tokens": tokens}
 
     # ---- evaluation ---------------------------------------------------------------------------
-    def predict_questions(self, questions: list[str]) -> tuple[list[Prediction], Any]:
-        """Decoded answers (and the retrieved docs, None for closed-book) for a list of questions."""
+    def predict_questions(self, questions: list[str]) -> tuple[list[Answer], Retrieval | None]:
+        """Decoded answers, and the retrieval (None closed-book) searched deep enough for every recall@k.
+
+        The same path as rag-eval: one question-encoder pass searches the index, the
+        answer is decoded from the first ``decoding.n_docs`` docs.
+        """
         if self.mode == "closed_book":
-            return predict_closed_book(self.model, questions, decoding=self.decoding, device=self.device), None
-        depth = min(max(self.recall_ks + (self.decoding["n_docs"],)), len(self.retriever))
-        return predict_rag(self.model, self.retriever, questions, retrieve_k=depth, decoding=self.decoding,
-                           device=self.device)
+            return answer_closed_book(questions, self.model, self.decoding), None
+        depth = min(max(self.recall_ks + (self.decoding.n_docs,)), len(self.retriever))
+        retrieval = retrieve(self.model, self.retriever, questions, depth)  # (B, depth)
+        return decode_retrieved(questions, self.model, retrieval, self.decoding), retrieval
 
     def _eval_step(self, batch: dict[str, Any]) -> None:
-        predictions, docs = self.predict_questions(batch["questions"])
-        for key, value in score_batch(predictions, batch["answers"], batch["real"], docs, self.recall_ks).items():
+        """Add this batch's em / f1 / recall@k counts over its real (non-padding) questions."""
+        answers, retrieval = self.predict_questions(batch["questions"])
+        real = [i for i, keep in enumerate(batch["real"].tolist()) if keep]
+        references = [batch["answers"][i] for i in real]
+        ranks, depth = None, 0
+        if retrieval is not None:
+            depth = retrieval.docs.n_docs
+            ranks = answer_ranks(references, [retrieval.docs.texts[i] for i in real])
+        sums = batch_sums([answers[i].text for i in real], references, ranks, self.recall_ks, depth)
+        for key, value in sums.items():
             self._sums[key] += value
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
@@ -214,5 +232,4 @@ class RagLitModule(pl.LightningModule):
     # ---- export -------------------------------------------------------------------------------
     def export_pretrained(self, out_dir: str | Path) -> Path:
         """Write the trained RagModel as a directory rag-eval / rag-ask load (atomic)."""
-        self.model.save_pretrained(out_dir, mode=self.mode)
-        return Path(out_dir)
+        return save_rag_model(self.model, out_dir, mode=self.mode)

@@ -20,7 +20,8 @@ from pathlib import Path
 from index.passage_files import Passage, write_passages_tsv
 from rag_models.atomic import atomic_text_writer
 from rag_models.errors import InputError
-from training.demo_world_text import (
+from training.data.questions import DprExample, QAExample, write_dpr_training_jsonl, write_questions_jsonl
+from training.demo.world_text import (
     ATTRIBUTES,
     FLAVOURS,
     INTROS,
@@ -29,7 +30,6 @@ from training.demo_world_text import (
     NameMaker,
     value_pools,
 )
-from training.questions import DprExample, QAExample, write_dpr_training_jsonl, write_questions_jsonl
 
 SPLITS = ("train", "dev", "test")
 MIN_ENTITIES = 100  # below this, pool values would no longer be shared by several towns

@@ -10,7 +10,6 @@ that give every rank the same number of evaluation batches (they are not scored)
 """
 from __future__ import annotations
 
-from collections.abc import Iterator
 from typing import Any, Callable
 
 import lightning.pytorch as pl
@@ -18,8 +17,8 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from rag_models.errors import InputError
-from training.questions import QAExample, read_questions
-from training.resumable import ResumableSampler
+from training.data.questions import QAExample, read_questions
+from training.data.sampler import EvalShardSampler, ResumableSampler
 
 
 def first_answer(example: QAExample) -> list[tuple[str, str]]:
@@ -63,20 +62,6 @@ class EvalExamples(Dataset):
         example = self.examples[position % len(self.examples)]
         return {"question": example.question, "target": example.answers[0], "answers": list(example.answers),
                 "real": position < len(self.examples)}
-
-
-class EvalShardSampler(Sampler[int]):
-    """Positions r, r+W, ... of the examples padded to a multiple of W: equal batch counts on every rank."""
-
-    def __init__(self, num_examples: int, *, rank: int = 0, world_size: int = 1) -> None:
-        self.total = -(-num_examples // world_size) * world_size
-        self.rank, self.world_size = rank, world_size
-
-    def __len__(self) -> int:
-        return self.total // self.world_size
-
-    def __iter__(self) -> Iterator[int]:
-        return iter(range(self.rank, self.total, self.world_size))
 
 
 def collate_strings(items: list[dict[str, Any]]) -> dict[str, Any]:

@@ -1,10 +1,11 @@
 """A complete miniature training set-up in seconds: small demo world, tiny checkpoints, a built index.
 
-Tests use it to run every experiment config end to end (``fast_dev_run`` and a
-few real steps) with the real loaders and the real index, only small:
+Test kit, not library code. conftest.py builds it once per test session (the
+``tiny_setup`` fixture); tests run every experiment config end to end
+(``fast_dev_run`` and a few real steps) with the real loaders and index, only small:
 
     setup = make_tiny_setup(tmp_dir)
-    cfg = compose_config(["experiment=demo", *tiny_overrides(setup, run_dir)])
+    cfg = compose(["experiment=demo", *tiny_overrides(setup, run_dir)])
     train(cfg)
 
 `tiny_overrides` points every path of an experiment (demo or real: hub names
@@ -13,18 +14,21 @@ such as facebook/bart-large) at the tiny checkpoints and files, on CPU.
 from __future__ import annotations
 
 import json
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
 from index.build_cli import build_index
 from index.passage_files import iter_passages
-from rag_models.factory import CheckpointPaths, TinyBartSize, TinyDprSize, save_tiny_checkpoints
-from training.demo_world import WorldFiles, write_world
+from rag_models.tiny_models import CheckpointPaths, TinyBartSize, TinyDprSize, save_tiny_checkpoints
+from training.demo.world import WorldFiles, write_world
 
 # Small enough that a training step of 8 questions x 3 docs takes a few tens of ms on one core.
-TEST_DPR = TinyDprSize(hidden_size=32, num_layers=1, num_heads=2, intermediate_size=64, max_positions=256, vocab_size=300)
+TEST_DPR = TinyDprSize(hidden_size=32, num_layers=1, num_heads=2, intermediate_size=64, max_positions=256,
+                       vocab_size=300)
 TEST_BART = TinyBartSize(d_model=32, layers=1, heads=2, ffn_dim=64, max_positions=256, vocab_size=300)
-DROPOUT_KEYS = ("dropout", "attention_dropout", "activation_dropout", "hidden_dropout_prob", "attention_probs_dropout_prob")
+DROPOUT_KEYS = ("dropout", "attention_dropout", "activation_dropout", "hidden_dropout_prob",
+                "attention_probs_dropout_prob")
 
 
 @dataclass(frozen=True)
@@ -46,19 +50,30 @@ def disable_dropout(checkpoint_dir: Path) -> None:
     path.write_text(json.dumps(config, indent=2))
 
 
-def make_tiny_setup(out_dir: str | Path, *, seed: int = 0, n_entities: int = 100, dropout: bool = True) -> TinySetup:
+def make_tiny_setup(out_dir: str | Path, *, seed: int = 0, n_entities: int = 100) -> TinySetup:
     """Write a small world, tiny checkpoints trained on its text, and a Flat index of its v1 passages."""
     out = Path(out_dir)
     world = write_world(out / "world", seed=seed, n_entities=n_entities, n_dev=10, n_test=10)
     texts = [f"{p.title} {p.text}" for p in iter_passages(world.v1_passages)]
     texts += [json.loads(line)["question"] for line in world.train.read_text().splitlines()]
     models = save_tiny_checkpoints(out / "tiny", texts, dpr_size=TEST_DPR, bart_size=TEST_BART, seed=seed)
-    if not dropout:
-        for directory in (models.question_encoder, models.context_encoder, models.generator):
-            disable_dropout(directory)
     index_root = build_index(world.v1_passages, models.context_encoder, out / "index", factory="Flat",
                              max_length=128, progress=False)
     return TinySetup(world=world, models=models, index_dir=index_root.parent)
+
+
+def without_dropout(setup: TinySetup, out_dir: str | Path) -> TinySetup:
+    """The same set-up with copies of its checkpoints whose dropout rates are all 0 (exact equality tests).
+
+    World and index are shared: the index was encoded in eval mode, where dropout plays no part.
+    """
+    out = Path(out_dir)
+    shutil.copytree(setup.models.question_encoder.parent, out / "tiny")
+    models = CheckpointPaths(out / "tiny" / "question_encoder", out / "tiny" / "context_encoder",
+                             out / "tiny" / "generator")
+    for directory in (models.question_encoder, models.context_encoder, models.generator):
+        disable_dropout(directory)
+    return TinySetup(world=setup.world, models=models, index_dir=setup.index_dir)
 
 
 def tiny_overrides(setup: TinySetup, run_dir: str | Path) -> list[str]:

@@ -6,7 +6,7 @@ import json
 import time
 
 from rag_models.errors import InputError
-from training.demo_world import write_world
+from training.demo.world import write_world
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -23,7 +23,7 @@ from typing import Any
 
 from rag_models.atomic import atomic_write_text
 from rag_models.errors import InputError
-from training.demo_stages import FULL, QUICK, DemoPlan, run_stages
+from training.demo.stages import FULL, QUICK, DemoPlan, run_stages
 
 # (key in results.json, label in the table, comparison, threshold): the demo's targets on 2 CPU cores.
 TARGETS = (

@@ -22,7 +22,7 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from index.encode import encode_corpus, load_shards, make_embed_fn
 from index.faiss_index import DenseIndex
 from rag_models.errors import InputError
-from training.schedule import parse_refresh_schedule, refresh_due
+from training.lit.schedule import parse_refresh_schedule, refresh_due
 
 log = logging.getLogger(__name__)
 

@@ -14,7 +14,7 @@ from torch import nn
 from torch.optim import Optimizer
 
 from rag_models.errors import InputError
-from training.schedule import SCHEDULES
+from training.lit.schedule import SCHEDULES
 
 
 def param_groups(components: dict[str, tuple[nn.Module, float]], *, weight_decay: float = 0.0) -> list[dict[str, Any]]:

@@ -33,8 +33,8 @@ from torch.optim import Optimizer
 from rag_models.atomic import atomic_directory
 from rag_models.errors import InputError
 from rag_models.retriever import load_encoder, tokenize_passages
-from training.dpr_data import passage_key
-from training.optim import configure_optimizer, param_groups
+from training.data.dpr_datamodule import passage_key
+from training.lit.optim import configure_optimizer, param_groups
 
 
 class DprLitModule(pl.LightningModule):

@@ -4,7 +4,8 @@
     rag-train experiment=nq_rag_sequence index.path=/data/index trainer=ddp trainer.devices=8
     rag-train experiment=demo hydra.run.dir=runs/demo/<time> ckpt_path=last    # resume a killed run
 
-From Python (the demo does this): ``train(compose_config(["experiment=demo", "paths.run_dir=..."]))``.
+From Python (the demo does this): ``train(compose(["experiment=demo", "paths.run_dir=..."]))``
+with `training.config.compose`.
 Only instantiation happens here: what a component does lives in its own file.
 """
 from __future__ import annotations
@@ -18,15 +19,13 @@ from typing import Any
 import hydra
 import lightning.pytorch as pl
 from hydra.core.hydra_config import HydraConfig
-from hydra.errors import InstantiationException
-from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from rag_models.atomic import atomic_write_text
 from rag_models.errors import InputError
-from training.checkpoint_io import safe_torch_load
+from training.config import CONFIG_DIR, instantiate, instantiate_all
+from training.lit.checkpoint_io import safe_torch_load
 
-CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
 EXPORTS = ("last", "best")
 log = logging.getLogger(__name__)
 
@@ -40,34 +39,6 @@ class TrainResult:
     best_checkpoint: Path | None
     last_checkpoint: Path | None
     metrics: dict[str, float] = field(default_factory=dict)  # final val/*, train/*, test/* values
-
-
-def compose_config(overrides: list[str] | tuple[str, ...] = (), config_name: str = "train") -> DictConfig:
-    """The config ``rag-train OVERRIDES`` would use, composed without running Hydra's app (tests, rag-demo)."""
-    from hydra import compose, initialize_config_dir
-
-    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base=None):
-        return compose(config_name=config_name, overrides=list(overrides))
-
-
-def _instantiate(node: DictConfig, **kwargs: Any) -> Any:
-    """hydra.utils.instantiate, but a bad setting surfaces as our InputError, not wrapped in Hydra's exception."""
-    try:
-        return instantiate(node, **kwargs)
-    except InstantiationException as err:
-        cause = err.__cause__
-        while cause is not None and not isinstance(cause, InputError):
-            cause = cause.__cause__
-        if cause is not None:
-            raise cause from None
-        raise
-
-
-def _instantiate_all(group: DictConfig | None) -> list[Any]:
-    """Instantiate every ``_target_`` entry of a dict-of-components group (callbacks, loggers)."""
-    if not group:
-        return []
-    return [_instantiate(node) for node in group.values() if isinstance(node, DictConfig) and "_target_" in node]
 
 
 def _checkpoints(trainer: pl.Trainer) -> tuple[Path | None, Path | None]:
@@ -102,11 +73,11 @@ def train(cfg: DictConfig, *, extra_callbacks: list[pl.Callback] | None = None) 
     """
     run_dir = _check(cfg)
     pl.seed_everything(cfg.seed, workers=True)
-    datamodule = _instantiate(cfg.data)
-    module = _instantiate(cfg.module)
-    callbacks = _instantiate_all(cfg.get("callbacks")) + list(extra_callbacks or [])
-    loggers = _instantiate_all(cfg.get("logger"))
-    trainer: pl.Trainer = _instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
+    datamodule = instantiate(cfg.data)
+    module = instantiate(cfg.module)
+    callbacks = instantiate_all(cfg.get("callbacks")) + list(extra_callbacks or [])
+    loggers = instantiate_all(cfg.get("logger"))
+    trainer: pl.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
     if trainer.is_global_zero:
         run_dir.mkdir(parents=True, exist_ok=True)
         atomic_write_text(run_dir / "train_config.yaml", OmegaConf.to_yaml(cfg, resolve=False))

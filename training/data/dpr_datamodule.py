@@ -23,9 +23,8 @@ from torch.utils.data import DataLoader, Dataset
 
 from index.passage_files import Passage, iter_passages
 from rag_models.errors import InputError
-from training.datamodule import EvalShardSampler
-from training.questions import DprExample, read_dpr_training
-from training.resumable import ResumableSampler
+from training.data.questions import DprExample, read_dpr_training
+from training.data.sampler import EvalShardSampler, ResumableSampler
 
 
 def passage_key(passage: Passage) -> int:

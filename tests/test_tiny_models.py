@@ -7,24 +7,12 @@ import sys
 
 import pytest
 import torch
+from transformers import PreTrainedTokenizerBase
 
 from rag_models.errors import InputError
-from rag_models.factory import (
-    TinyBartSize,
-    TinyDprSize,
-    load_encoder_checkpoint,
-    load_generator_checkpoint,
-    save_tiny_checkpoints,
-    tiny_bart,
-    tiny_dpr_encoder,
-)
-from rag_models.tokenization import (
-    WORDPIECE_SPECIALS,
-    dpr_tokenizers,
-    same_tokenization,
-    train_bart_tokenizer,
-    train_wordpiece_vocab,
-)
+from rag_models.loaders import load_encoder_checkpoint, load_generator_checkpoint
+from rag_models.tiny_models import TinyBartSize, TinyDprSize, save_tiny_checkpoints, tiny_bart, tiny_dpr_encoder
+from rag_models.tokenization import WORDPIECE_SPECIALS, dpr_tokenizers, train_bart_tokenizer, train_wordpiece_vocab
 
 TEXTS = [
     "Quenby lies on the river Varn in the region of Oster.",
@@ -33,6 +21,11 @@ TEXTS = [
     "who founded Marrowick?",
 ] * 20
 PROBES = ["who founded Quenby?", "Unseen wörds, punctuation!? and 1999"]
+
+
+def same_tokenization(a: PreTrainedTokenizerBase, b: PreTrainedTokenizerBase, texts: list[str]) -> bool:
+    """True when two tokenizers give identical ids on every text (round-trip checks)."""
+    return all(a(t)["input_ids"] == b(t)["input_ids"] for t in texts)
 
 
 @pytest.fixture(scope="module")

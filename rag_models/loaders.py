@@ -1,0 +1,69 @@
+"""Load real checkpoints (hub names or local directories): DPR or any encoder, and any seq2seq generator.
+
+The tiny offline models (`rag_models/tiny_models.py`) are saved as ordinary
+checkpoints and loaded back through these same functions, so the demo and the
+tests exercise the loading path of `facebook/bart-large` and
+`facebook/dpr-question_encoder-single-nq-base`, only with small weights.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from transformers import (
+    AutoConfig,
+    AutoModel,
+    AutoModelForSeq2SeqLM,
+    AutoTokenizer,
+    DPRContextEncoder,
+    DPRQuestionEncoder,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
+
+from rag_models.errors import InputError
+
+# Which DPR class serves which side; a non-DPR encoder loads with AutoModel.
+DPR_CLASSES: dict[str, type[PreTrainedModel]] = {
+    "question": DPRQuestionEncoder,
+    "context": DPRContextEncoder,
+}
+
+
+def load_encoder_checkpoint(name_or_path: str | Path, role: str) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """Load a question or context encoder and its tokenizer by hub name or local path, in eval mode.
+
+    A DPR checkpoint loads with its DPR class; any other encoder (BERT, RoBERTa,
+    Contriever, ...) with AutoModel (pooling is then chosen by the retriever wrapper).
+    Raises InputError for an unknown ``role`` or a checkpoint that cannot be found.
+    """
+    if role not in DPR_CLASSES:
+        raise InputError(f"unknown encoder role {role!r}", setting="role", fix="use 'question' or 'context'")
+    config = _load_config(name_or_path)
+    model_class = DPR_CLASSES[role] if config.model_type == "dpr" else AutoModel
+    model = model_class.from_pretrained(str(name_or_path))
+    return model.eval(), AutoTokenizer.from_pretrained(str(name_or_path))
+
+
+def load_generator_checkpoint(name_or_path: str | Path) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """Load any transformers seq2seq model (BART by default) and its tokenizer, in eval mode.
+
+    Raises InputError when the checkpoint cannot be found.
+    """
+    _load_config(name_or_path)
+    model = AutoModelForSeq2SeqLM.from_pretrained(str(name_or_path))
+    return model.eval(), AutoTokenizer.from_pretrained(str(name_or_path))
+
+
+def _load_config(name_or_path: str | Path) -> AutoConfig:
+    """The checkpoint's config, or an error that says offline / missing plainly."""
+    try:
+        return AutoConfig.from_pretrained(str(name_or_path))
+    except OSError as err:
+        offline = os.environ.get("HF_HUB_OFFLINE") == "1"
+        hint = "it is neither a local checkpoint directory nor reachable on the hub" + (
+            " (HF_HUB_OFFLINE=1 is set: unset it on a machine with network access, or pass a local path)"
+            if offline else ""
+        )
+        raise InputError(f"cannot load model {str(name_or_path)!r}: {hint}", setting="model name or path",
+                         fix=str(err).splitlines()[0]) from err

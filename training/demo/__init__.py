@@ -1,0 +1,1 @@
+"""The offline demo: the synthetic world (rag-make-world), the demo stages and rag-demo."""

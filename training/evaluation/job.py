@@ -1,0 +1,124 @@
+"""What one `rag-eval` run evaluates: the typed job composed from configs/eval.yaml, checked before any model loads."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig
+
+from decoding.answer import DecodingSettings
+from index.settings import IndexSettings
+from rag_models.checkpoint import MODES, saved_mode
+from rag_models.errors import InputError
+from training.config import instantiate
+from training.data.questions import QAExample, read_questions
+
+
+@dataclass(frozen=True)
+class EvalJob:
+    """Everything one evaluation needs; ``configs/eval.yaml`` fills it (see :func:`job_from_config`).
+
+    Fields:
+        checkpoint: a saved RagModel directory (rag-train's <run_dir>/model).
+        questions: any file `read_questions` reads, or hf:name[:config].
+        out_dir: where predictions.jsonl, metrics.json, report.md and eval_job.json go.
+        index: the `index` group (its ``path`` is needed in rag mode, unused closed-book).
+        decoding: the `decoding` group (strategy and its knobs); its n_docs is replaced by ``n_docs``.
+        mode: "rag", or "closed_book" (the generator reads the question alone).
+        n_docs: docs read per answer; None = the checkpoint's training n_docs.
+        split: hub split, or {split}.source inside a directory.
+        batch_size: questions retrieved and decoded together (per process).
+        recall_depth: passages retrieved per question for recall@k (k in RECALL_KS up to this depth).
+        limit: the first N questions only (smoke runs); None = all.
+        devices: processes, each answering a contiguous share of the questions.
+        accelerator: "auto" (GPUs when present), "cpu" or "gpu".
+        report_examples: answered questions shown in report.md.
+        progress: a progress bar over the questions (rank 0).
+    """
+
+    checkpoint: Path
+    questions: str
+    out_dir: Path
+    index: IndexSettings = field(default_factory=IndexSettings)
+    decoding: DecodingSettings = field(default_factory=DecodingSettings)
+    mode: str = "rag"
+    n_docs: int | None = None
+    split: str = "validation"
+    batch_size: int = 16
+    recall_depth: int = 100
+    limit: int | None = None
+    devices: int = 1
+    accelerator: str = "auto"
+    report_examples: int = 5
+    progress: bool = True
+
+    @property
+    def index_path(self) -> Path | None:
+        """The index directory, or None (closed-book)."""
+        return None if self.index.path is None else Path(self.index.path)
+
+
+def _required(value: Any, setting: str, example: str) -> Any:
+    """The value of a required setting, or InputError naming it."""
+    if value is None or value == "???":
+        raise InputError("is required", setting=setting, fix=f"Pass {setting}=... (e.g. {example})")
+    return value
+
+
+def job_from_config(cfg: DictConfig) -> EvalJob:
+    """The typed job of a composed ``eval`` config (groups index and decoding, key trainer.devices, ...)."""
+    checkpoint = Path(_required(cfg.get("checkpoint"), "checkpoint", "runs/demo/<time>/model"))
+    decoding: DecodingSettings = instantiate(cfg.decoding)
+    trainer = cfg.get("trainer") or {}
+    return EvalJob(
+        checkpoint=checkpoint,
+        questions=str(_required(cfg.get("questions"), "questions", "data/nq-test.jsonl")),
+        out_dir=Path(_required(cfg.get("out_dir"), "out_dir", "runs/eval")),
+        index=instantiate(cfg.index),
+        # The top-level n_docs wins; the decoding group's (rag-ask's knob) is accepted too.
+        decoding=replace(decoding, n_docs=None),
+        mode=cfg.get("mode") or saved_mode(checkpoint),  # null: as the checkpoint was trained
+        n_docs=cfg.get("n_docs") or decoding.n_docs,
+        split=cfg.get("split", "validation"),
+        batch_size=int(cfg.get("batch_size", 16)),
+        recall_depth=int(cfg.get("recall_depth", 100)),
+        limit=cfg.get("limit"),
+        devices=int(trainer.get("devices", 1)),
+        accelerator=str(trainer.get("accelerator", "auto")),
+        report_examples=int(cfg.get("report_examples", 5)),
+        progress=bool(cfg.get("progress", True)),
+    )
+
+
+def check_job(job: EvalJob) -> None:
+    """Refuse bad settings and missing files before any model is loaded (the cheap checks first)."""
+    if job.mode not in MODES:
+        raise InputError(f"unknown mode {job.mode!r}", setting="mode", fix=f"Use one of {', '.join(MODES)}")
+    if not job.checkpoint.is_dir():
+        raise InputError("checkpoint directory not found", path=job.checkpoint,
+                         fix="Pass checkpoint=DIR written by save_rag_model (rag-train's <run_dir>/model)")
+    if job.mode == "rag" and job.index_path is None:
+        raise InputError("no index given", setting="index.path",
+                         fix="Pass index.path=DIR (a rag-build-index output), or mode=closed_book")
+    if job.mode == "rag" and not job.index_path.exists():
+        raise InputError("index directory not found", path=job.index_path,
+                         fix="Build it with `rag-build-index --out DIR`, or correct index.path")
+    for setting, value in (("batch_size", job.batch_size), ("recall_depth", job.recall_depth),
+                           ("trainer.devices", job.devices), ("n_docs", job.n_docs), ("limit", job.limit)):
+        if value is not None and int(value) < 1:
+            raise InputError(f"{value} must be at least 1", setting=setting)
+
+
+def load_examples(job: EvalJob) -> list[QAExample]:
+    """The questions to answer (the first ``limit``); InputError when empty or when a question repeats."""
+    examples = read_questions(job.questions, split=job.split)[: job.limit]
+    if not examples:
+        raise InputError("no questions", path=job.questions, fix="Pass a file with at least one question")
+    seen: dict[str, int] = {}
+    for number, example in enumerate(examples, start=1):
+        if example.question in seen:  # predictions are keyed by question text, as in NQ-Open
+            raise InputError(f"question {number} repeats question {seen[example.question]}: {example.question!r}",
+                             path=job.questions, fix="Remove the duplicate question")
+        seen[example.question] = number
+    return examples

@@ -1,0 +1,73 @@
+"""What an evaluation leaves behind: metrics from the records, report.md, and the files, written atomically.
+
+Rank 0 scores the gathered records with rag-score's scorer and writes
+``predictions.jsonl``, ``report.md``, ``eval_job.json`` and, last,
+``metrics.json``: a killed run never leaves a complete-looking metrics file.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import asdict
+from typing import Any
+
+from rag_models.atomic import atomic_text_writer, atomic_write_text
+from training.evaluation.job import EvalJob
+from training.evaluation.metrics import recall_hits, score_predictions
+from training.evaluation.records import EvalParts
+
+RECALL_KS = (1, 5, 20, 100)
+
+
+def metrics_from_records(records: list[dict[str, Any]], job: EvalJob, parts: EvalParts,
+                         world: int) -> dict[str, Any]:
+    """EM / F1 (rag-score's scorer), recall@k, stale-answer EM, and what was run."""
+    scores = score_predictions([{"question": r["question"], "answer": r["answers"]} for r in records],
+                               {r["question"]: r["prediction"] for r in records})
+    metrics: dict[str, Any] = dict(scores)
+    if parts.retriever is not None:
+        hits = recall_hits([r["answer_rank"] for r in records], RECALL_KS, parts.depth)
+        metrics.update({key: count / len(records) for key, count in hits.items()})
+    stale = [r for r in records if "stale_answers" in r]
+    if stale:  # the changed questions of a swapped world: does the model still say the old answer?
+        metrics["exact_match_stale"] = sum(r["correct_stale"] for r in stale) / len(stale)
+        metrics["num_stale"] = len(stale)
+    metrics.update(mode=job.mode, strategy=job.decoding.strategy, n_docs=parts.n_docs,
+                   index_path=None if job.index_path is None else str(job.index_path),
+                   checkpoint=str(job.checkpoint), questions=job.questions, devices=world)
+    return metrics
+
+
+def render_report(metrics: dict[str, Any], records: list[dict[str, Any]], n_examples: int) -> str:
+    """A short markdown report: what was run, the metrics table, and a few answered questions."""
+    lines = ["# Evaluation report", "",
+             f"- checkpoint: `{metrics['checkpoint']}`", f"- questions: `{metrics['questions']}`",
+             f"- index: `{metrics['index_path']}`",
+             f"- mode: {metrics['mode']}, decoding: {metrics['strategy']}, n_docs: {metrics['n_docs']}, "
+             f"processes: {metrics['devices']}", "", "| metric | value |", "|---|---|"]
+    for key, value in metrics.items():
+        if key in ("exact_match", "f1", "exact_match_stale", "num_correct", "num_total", "num_stale",
+                   "missing_predictions", "seconds") or key.startswith("recall@"):
+            shown = f"{value:.4f}" if isinstance(value, float) and key != "seconds" else value
+            lines.append(f"| {key} | {shown} |")
+    lines += ["", f"## First {min(n_examples, len(records))} questions", ""]
+    for record in records[:n_examples]:
+        mark = "correct" if record["correct"] else "wrong"
+        lines.append(f"- **{record['question']}** -> `{record['prediction']}` ({mark}; "
+                     f"references: {', '.join(record['answers'])})")
+        if record.get("titles"):
+            docs = ", ".join(f"{t} ({p:.2f})" for t, p in zip(record["titles"], record["doc_posteriors"]))
+            lines.append(f"  - documents (posterior): {docs}")
+    return "\n".join(lines) + "\n"
+
+
+def write_outputs(job: EvalJob, records: list[dict[str, Any]], metrics: dict[str, Any]) -> None:
+    """predictions.jsonl, report.md, eval_job.json, then metrics.json: its presence means the run completed."""
+    job.out_dir.mkdir(parents=True, exist_ok=True)
+    metrics_path = job.out_dir / "metrics.json"
+    metrics_path.unlink(missing_ok=True)  # an old metrics.json must not vouch for new predictions
+    with atomic_text_writer(job.out_dir / "predictions.jsonl") as out:
+        for record in records:
+            out.write(json.dumps(record, ensure_ascii=False) + "\n")
+    atomic_write_text(job.out_dir / "report.md", render_report(metrics, records, job.report_examples))
+    atomic_write_text(job.out_dir / "eval_job.json", json.dumps(asdict(job), indent=2, default=str) + "\n")
+    atomic_write_text(metrics_path, json.dumps(metrics, indent=2) + "\n")

@@ -1,0 +1,1 @@
+"""Lightning: the RAG and DPR modules, callbacks, optimizer and schedules, checkpoint IO, resume, rag-train."""
