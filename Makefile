@@ -14,7 +14,7 @@ export HF_HOME := $(CURDIR)/.hf_home
 export TOKENIZERS_PARALLELISM := false
 export PYTHONUNBUFFERED := 1
 
-.PHONY: install demo test test-full bench clean
+.PHONY: install demo lint test test-full bench clean
 
 install: $(STAMP)
 
@@ -28,6 +28,10 @@ $(STAMP): setup.py requirements/constraints.txt
 
 demo: $(STAMP)
 	$(VENV)/bin/rag-demo
+
+# ruff.toml: line length 120, import order, pyflakes. CI runs it before the tests.
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
 
 test: $(STAMP)
 	$(PY) -m pytest -q -m "not slow" tests

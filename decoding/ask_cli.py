@@ -24,7 +24,8 @@ from rag_models.rag import RagModel
 
 def _parser() -> argparse.ArgumentParser:
     """The command line of rag-ask."""
-    parser = argparse.ArgumentParser(prog="rag-ask", description="Answer questions with a RagModel and a passage index.")
+    parser = argparse.ArgumentParser(prog="rag-ask",
+                                     description="Answer questions with a RagModel and a passage index.")
     parser.add_argument("questions", nargs="*", help="questions to answer (default: one per line from stdin)")
     parser.add_argument("--checkpoint", required=True, help="a RagModel directory (rag-train's <run_dir>/model)")
     parser.add_argument("--index", required=True, help="an index directory written by rag-build-index")

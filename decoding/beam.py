@@ -58,7 +58,8 @@ class SearchSettings:
                 fix="return between 1 and num_beams sequences (raise num_beams to get more)",
             )
         if self.max_length < 2:
-            raise InputError(f"max_length is {self.max_length}", setting="max_length", fix="allow at least 2 tokens (start + one)")
+            raise InputError(f"max_length is {self.max_length}", setting="max_length",
+                             fix="allow at least 2 tokens (start + one)")
         if not 0 <= self.min_length <= self.max_length:
             raise InputError(
                 f"min_length={self.min_length} with max_length={self.max_length}",
@@ -66,7 +67,8 @@ class SearchSettings:
                 fix="use 0 <= min_length <= max_length",
             )
         if self.early_stopping not in (True, False, "never"):
-            raise InputError(f"early_stopping is {self.early_stopping!r}", setting="early_stopping", fix="use true, false or 'never'")
+            raise InputError(f"early_stopping is {self.early_stopping!r}", setting="early_stopping",
+                             fix="use true, false or 'never'")
 
 
 def search_settings(generator: PreTrainedModel, **search: object) -> SearchSettings:
@@ -81,12 +83,14 @@ def search_settings(generator: PreTrainedModel, **search: object) -> SearchSetti
 
     eos = special("eos_token_id")
     if eos is None:
-        raise InputError("the generator has no eos_token_id", setting="generator config", fix="set eos_token_id in its config")
+        raise InputError("the generator has no eos_token_id", setting="generator config",
+                         fix="set eos_token_id in its config")
     eos_ids = tuple(eos) if isinstance(eos, (list, tuple)) else (int(eos),)
     start = special("decoder_start_token_id")
     start = special("bos_token_id") if start is None else start  # as transformers does for old configs
     if start is None:
-        raise InputError("the generator has no decoder_start_token_id", setting="generator config", fix="set it in its config")
+        raise InputError("the generator has no decoder_start_token_id", setting="generator config",
+                         fix="set it in its config")
     pad = special("pad_token_id")
     forced_eos = special("forced_eos_token_id")
     if isinstance(forced_eos, (list, tuple)):
@@ -223,7 +227,8 @@ def _candidates(
     cand.scores = top_scores
     if aux is not None:
         per_beam = aux.view(n, w, aux.shape[1], v)  # (N, W, A, V)
-        cand.extra = cand.extra + per_beam[torch.arange(n, device=raw.device)[:, None], source, :, top_index % v]  # (N, keep, A)
+        rows = torch.arange(n, device=raw.device)[:, None]  # (N, 1)
+        cand.extra = cand.extra + per_beam[rows, source, :, top_index % v]  # (N, keep, A)
     return cand, source
 
 
@@ -251,7 +256,8 @@ def _update_finished(
     return merged.take(torch.topk(merged.scores, s.num_beams, dim=1)[1])
 
 
-def _still_open(still_open: torch.Tensor, running: _Beams, finished: _Beams, cur_len: int, s: SearchSettings) -> torch.Tensor:
+def _still_open(still_open: torch.Tensor, running: _Beams, finished: _Beams, cur_len: int,
+                s: SearchSettings) -> torch.Tensor:
     """transformers' heuristic: can the best running beam still beat the worst finished one? (N, 1)."""
     if s.early_stopping == "never" and s.length_penalty > 0.0:
         best_length = s.max_length - 1

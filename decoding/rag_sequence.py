@@ -157,24 +157,32 @@ def rag_sequence_generate(
         score_chunk_elements: cap on logits held at once by the thorough scoring pass.
     """
     if mode not in SCORERS:
-        raise InputError(f"unknown RAG-Sequence decoding mode {mode!r}", setting="mode", fix=f"use one of {sorted(SCORERS)}")
+        raise InputError(f"unknown RAG-Sequence decoding mode {mode!r}", setting="mode",
+                         fix=f"use one of {sorted(SCORERS)}")
     batch, k = check_inputs(context_input_ids, context_attention_mask, doc_scores, n_docs)
-    search = dict(max_length=max_length, min_length=min_length, length_penalty=length_penalty, early_stopping=early_stopping)
+    search = dict(max_length=max_length, min_length=min_length, length_penalty=length_penalty,
+                  early_stopping=early_stopping)
     returned = search_settings(generator, num_beams=num_beams, num_return_sequences=num_return_sequences, **search)
     per_doc = search_settings(generator, num_beams=num_beams, num_return_sequences=num_beams, **search)
     states = encode_contexts(generator, context_input_ids, context_attention_mask)  # (B*K, L, H)
     rows = torch.arange(batch * k, device=states.device).repeat_interleave(num_beams)  # (B*K*W,)
     decoder = CachedDecoder(generator, states, context_attention_mask, rows)
-    found = run_search(lambda tokens, origin: (decoder(tokens, origin).log_softmax(-1), None), batch * k, per_doc, states.device)
+    found = run_search(lambda tokens, origin: (decoder(tokens, origin).log_softmax(-1), None), batch * k, per_doc,
+                       states.device)
     candidates = union_of_hypotheses(found.sequences, batch)
     skip = starts_with_bos(candidates.tokens, candidates.valid, per_doc.bos_token_id)  # (B,)
-    scoring = _Scoring(generator, states, context_attention_mask, found, candidates, skip, per_doc, k, score_chunk_elements)
+    scoring = _Scoring(generator, states, context_attention_mask, found, candidates, skip, per_doc, k,
+                       score_chunk_elements)
     loglik = SCORERS[mode](scoring)  # (B, N, K)
     posteriors, marginal = doc_posteriors(doc_scores, loglik)  # (B, N, K), (B, N)
     marginal = marginal.masked_fill(~candidates.valid, -torch.inf)
     r = returned.num_return_sequences
     scores, best = marginal.topk(r, dim=1)  # (B, R)
-    take = lambda t: t.gather(1, best[..., None].expand(-1, -1, t.shape[2])).reshape(batch * r, t.shape[2])
+
+    def take(t: torch.Tensor) -> torch.Tensor:
+        """The R best candidates' rows of a (B, N, X) tensor -> (B*R, X)."""
+        return t.gather(1, best[..., None].expand(-1, -1, t.shape[2])).reshape(batch * r, t.shape[2])
+
     return GenerationResult(
         sequences=take(candidates.tokens),  # (B*R, T)
         scores=scores.reshape(batch * r),

@@ -90,7 +90,8 @@ def rag_token_generate(
     )
     states = encode_contexts(generator, context_input_ids, context_attention_mask)  # (B*K, L, H)
     w = settings.num_beams
-    beam_rows = torch.arange(batch * k, device=states.device).view(batch, 1, k).expand(batch, w, k).reshape(-1)  # (B*W*K,)
+    rows = torch.arange(batch * k, device=states.device).view(batch, 1, k)  # (B, 1, K)
+    beam_rows = rows.expand(batch, w, k).reshape(-1)  # (B*W*K,)
     decoder = CachedDecoder(generator, states, context_attention_mask, beam_rows)
     step = marginal_step(decoder, doc_scores.repeat_interleave(w, dim=0), settings)  # doc scores (B*W, K)
     found = run_search(step, batch, settings, states.device, extra_dims=k)

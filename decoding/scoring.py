@@ -27,15 +27,18 @@ def check_inputs(
 ) -> tuple[int, int]:
     """Validate the shapes of the precomputed generator inputs; returns (B, K)."""
     if doc_scores.dim() != 2:
-        raise InputError(f"doc_scores has shape {tuple(doc_scores.shape)}", setting="doc_scores", fix="pass a (B, K) tensor")
+        raise InputError(f"doc_scores has shape {tuple(doc_scores.shape)}", setting="doc_scores",
+                         fix="pass a (B, K) tensor")
     batch, k = doc_scores.shape
     if n_docs is not None and n_docs != k:
         raise InputError(
-            f"n_docs={n_docs} but doc_scores has {k} columns", setting="n_docs", fix="pass n_docs=None or the K of doc_scores"
+            f"n_docs={n_docs} but doc_scores has {k} columns", setting="n_docs",
+            fix="pass n_docs=None or the K of doc_scores",
         )
     if context_input_ids.dim() != 2 or context_input_ids.shape[0] != batch * k:
         raise InputError(
-            f"context_input_ids has shape {tuple(context_input_ids.shape)}, expected ({batch * k}, L) for B={batch}, K={k}",
+            f"context_input_ids has shape {tuple(context_input_ids.shape)}, "
+            f"expected ({batch * k}, L) for B={batch}, K={k}",
             setting="context_input_ids",
             fix="pass one row per (question, doc), question-major (row b*K+k)",
         )
@@ -62,7 +65,8 @@ class CachedDecoder:
     which of them each decoding row reads.
     """
 
-    def __init__(self, generator: PreTrainedModel, encoder_states: torch.Tensor, encoder_mask: torch.Tensor, rows: torch.Tensor) -> None:
+    def __init__(self, generator: PreTrainedModel, encoder_states: torch.Tensor, encoder_mask: torch.Tensor,
+                 rows: torch.Tensor) -> None:
         self.generator = generator
         self.encoder_outputs = BaseModelOutput(last_hidden_state=encoder_states[rows])  # (R, L, H)
         self.encoder_mask = encoder_mask[rows]  # (R, L)
@@ -112,7 +116,8 @@ def teacher_forced_logprobs(
     if t < 2 or m == 0:
         return out
     per_row = (t - 1) * (getattr(generator.config, "vocab_size", None) or 1)  # logits
-    per_row += 2 * encoder_states[0].numel() * (getattr(generator.config, "decoder_layers", None) or 1)  # cross-attention K, V
+    layers = getattr(generator.config, "decoder_layers", None) or 1
+    per_row += 2 * encoder_states[0].numel() * layers  # cross-attention K, V
     per_chunk = max(1, chunk_elements // per_row)
     for start in range(0, m, per_chunk):
         sl = slice(start, start + per_chunk)
@@ -129,7 +134,8 @@ def teacher_forced_logprobs(
     return out
 
 
-def sequence_loglik(tokens: torch.Tensor, token_logprobs: torch.Tensor, pad_token_id: int, skip_first: torch.Tensor) -> torch.Tensor:
+def sequence_loglik(tokens: torch.Tensor, token_logprobs: torch.Tensor, pad_token_id: int,
+                    skip_first: torch.Tensor) -> torch.Tensor:
     """Σ_t log p(y_t) over the generated tokens that are not padding. (M, T), (M, T), (M,) bool -> (M,).
 
     Padding carries no score (as in training, where pad targets are ignored); `skip_first`

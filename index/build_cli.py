@@ -110,7 +110,9 @@ def build_index(
         if world > 1:
             dist.barrier()  # every rank's shards are on disk
     if rank == 0:
-        vectors = existing if existing is not None else load_shards(out / "shards", out_path=out / "shards" / "vectors.npy")
+        vectors = existing
+        if vectors is None:  # (N, D), concatenated from the shards into one file
+            vectors = load_shards(out / "shards", out_path=out / "shards" / "vectors.npy")
         builder = _BUILDERS.get(factory, DenseIndex.build)
         index = builder(vectors, factory=factory, encoder=encoder, passages=store, train_sample=train_sample,
                         progress=progress)

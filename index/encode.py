@@ -59,7 +59,8 @@ def _check_plan(out_dir: Path, store: PassageStore, shard_size: int, encoder_nam
             raise InputError(
                 f"holds shards of another encoding ({old}), not of this one ({plan})",
                 path=out_dir,
-                fix="Delete that directory or encode into another one; a resume needs the same passages, encoder and shard_size",
+                fix="Delete that directory or encode into another one; "
+                "a resume needs the same passages, encoder and shard_size",
             )
         return
     atomic_write_text(path, json.dumps(plan, indent=2) + "\n")
@@ -75,7 +76,8 @@ def shard_done(out_dir: Path, number: int, start: int, end: int) -> bool:
         array = np.load(shard_path(out_dir, number), mmap_mode="r")
     except (OSError, ValueError):  # truncated or missing .npy: encode it again
         return False
-    return info.get("rows") == [start, end] and array.shape == (end - start, info.get("dim")) and array.dtype == np.float32
+    return info.get("rows") == [start,
+                                end] and array.shape == (end - start, info.get("dim")) and array.dtype == np.float32
 
 
 def _encode_shard(store: PassageStore, embed: EmbedFn, start: int, end: int, batch_size: int, bar: tqdm) -> np.ndarray:

@@ -60,7 +60,8 @@ class DenseIndex:
         (a PassageStore) records its checksum so a later load can refuse another store.
         """
         if vectors.ndim != 2 or vectors.shape[0] == 0:
-            raise InputError(f"vectors of shape {vectors.shape}", setting="vectors", fix="Pass a non-empty (N, D) array")
+            raise InputError(f"vectors of shape {vectors.shape}", setting="vectors",
+                             fix="Pass a non-empty (N, D) array")
         count, dim = vectors.shape
         ids = _check_ids(ids, count)
         index = _make_faiss_index(dim, factory, custom_ids=ids is not None)
@@ -181,8 +182,9 @@ class DenseIndex:
         flags = faiss.IO_FLAG_MMAP | faiss.IO_FLAG_READ_ONLY if mmap else 0
         index = faiss.read_index(str(faiss_path), flags)
         if index.ntotal != manifest.count or index.d != manifest.dim:
-            raise InputError(f"index.faiss holds {index.ntotal} x {index.d}, manifest says {manifest.count} x {manifest.dim}",
-                             path=directory, fix="The directory was modified after its build; rebuild the index")
+            raise InputError(f"index.faiss holds {index.ntotal} x {index.d}, "
+                             f"manifest says {manifest.count} x {manifest.dim}", path=directory,
+                             fix="The directory was modified after its build; rebuild the index")
         ids = np.load(directory / IDS_NAME) if (directory / IDS_NAME).is_file() else None
         loaded = cls(index, open_vectors(directory, manifest), manifest, ids=ids, passages=store)
         if use_gpu:
@@ -194,7 +196,8 @@ class DenseIndex:
         """Move the faiss index to GPU ``device`` (needs faiss-gpu and a GPU); the vectors stay memory-mapped."""
         if faiss.get_num_gpus() == 0:
             raise InputError("no GPU visible to faiss (faiss-cpu installed, or no CUDA device)",
-                             setting="index.use_gpu", fix="Set index.use_gpu=false, or use index.backend=torch on a GPU")
+                             setting="index.use_gpu",
+                             fix="Set index.use_gpu=false, or use index.backend=torch on a GPU")
         self._gpu_resources = faiss.StandardGpuResources()
         self.index = faiss.index_cpu_to_gpu(self._gpu_resources, device, self.index)
         return self
@@ -237,4 +240,5 @@ def _train(index: faiss.Index, vectors: np.ndarray, train_sample: int, seed: int
     except RuntimeError as err:
         raise InputError(f"training {factory!r} on {len(rows)} vectors failed: {str(err).splitlines()[-1]}",
                          setting="index.train_sample / index.factory",
-                         fix="Give more training vectors (about 40 per IVF list), or fewer IVF lists / PQ bits") from None
+                         fix="Give more training vectors (about 40 per IVF list), "
+                         "or fewer IVF lists / PQ bits") from None

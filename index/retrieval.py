@@ -88,8 +88,9 @@ class Retriever:
         backend: "faiss" (the stored faiss index) or "torch" (exact, any device).
         factory: if set, the faiss factory the index must have been built with.
         sharded: each torch.distributed rank searches 1/world of the passages.
-        nprobe / ef_search: IVF / HNSW search knobs. refine: re-rank refine*k faiss candidates exactly. mmap: map the faiss file instead of reading it
-        into RAM (pages shared between processes on one machine). passages: override the store.
+        nprobe / ef_search: IVF / HNSW search knobs. refine: re-rank refine*k faiss candidates exactly.
+        mmap: map the faiss file instead of reading it into RAM (pages shared between processes on
+        one machine). passages: override the store. See index.settings.IndexSettings, the config group.
         """
         if backend not in _LOADERS:
             raise InputError(f"unknown backend {backend!r}", setting="index.backend",
@@ -107,12 +108,14 @@ class Retriever:
         if index.passages is None:
             named = index.manifest.passages_path
             raise InputError(
-                "the index has no passage store" + (f" (its manifest names {named}, which is missing)" if named else ""),
+                "the index has no passage store"
+                + (f" (its manifest names {named}, which is missing)" if named else ""),
                 path=directory, fix="Keep the passage store beside the index as rag-build-index writes it, "
                 "or pass passages=STORE_DIR")
         if self._expected_factory is not None and index.manifest.factory != self._expected_factory:
             raise InputError(
-                f"the index was built with factory {index.manifest.factory!r}, the config asks {self._expected_factory!r}",
+                f"the index was built with factory {index.manifest.factory!r}, "
+                f"the config asks {self._expected_factory!r}",
                 path=directory / MANIFEST_NAME,
                 fix="Choose the index config that matches (e.g. index=flat), set index.factory=null, or rebuild")
         return index

@@ -75,7 +75,8 @@ class TorchIndex:
               chunk_size: int = DEFAULT_CHUNK) -> "TorchIndex":
         """An exact index over ``vectors`` (N, D) whose ids are the rows 0..N-1."""
         if vectors.ndim != 2 or vectors.shape[0] == 0:
-            raise InputError(f"vectors of shape {vectors.shape}", setting="vectors", fix="Pass a non-empty (N, D) array")
+            raise InputError(f"vectors of shape {vectors.shape}", setting="vectors",
+                             fix="Pass a non-empty (N, D) array")
         manifest = IndexManifest(dim=int(vectors.shape[1]), count=int(vectors.shape[0]), factory=EXACT_FACTORY,
                                  encoder=encoder, passages_checksum=getattr(passages, "checksum", None))
         return cls(vectors, manifest, passages=passages, device=device, dtype=dtype, chunk_size=chunk_size)

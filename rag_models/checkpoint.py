@@ -54,11 +54,13 @@ def load_rag_model(model_dir: str | Path, **overrides: Any) -> RagModel:
     model_dir = Path(model_dir)
     config_path = model_dir / CONFIG_NAME
     if not config_path.is_file():
-        raise InputError(f"no {CONFIG_NAME} here: not a saved RagModel", path=model_dir, fix="pass a directory written by RagModel.save_pretrained")
+        raise InputError(f"no {CONFIG_NAME} here: not a saved RagModel", path=model_dir,
+                         fix="pass a directory written by RagModel.save_pretrained")
     try:
         settings = json.loads(config_path.read_text())
     except json.JSONDecodeError as err:
-        raise InputError(f"unreadable JSON ({err.msg})", path=config_path, line=err.lineno, fix="re-save the model") from err
+        raise InputError(f"unreadable JSON ({err.msg})", path=config_path, line=err.lineno,
+                         fix="re-save the model") from err
     settings.pop("mode", None)  # how it was trained (saved_mode), not a setting of the model
     settings.update(overrides)
     context = model_dir / "context_encoder"
@@ -106,13 +108,15 @@ def build_rag_model(
     """
     for setting, value in (("retriever.question_encoder", question_encoder), ("model.generator", generator)):
         if value is None:
-            raise InputError("is null", setting=setting, fix="give a hub name or a local checkpoint directory (the demo fills configs/retriever/tiny.yaml)")
+            raise InputError("is null", setting=setting, fix="give a hub name or a local checkpoint directory "
+                             "(the demo fills configs/retriever/tiny.yaml)")
     q_encoder, q_tokenizer = load_encoder(question_encoder, role="question", pooling=pooling)
     c_encoder, c_tokenizer = (None, None)
     if context_encoder is not None:
         c_encoder, c_tokenizer = load_encoder(context_encoder, role="context", pooling=pooling)
     seq2seq, g_tokenizer = load_generator_checkpoint(generator)
-    wrapped = Generator(seq2seq, g_tokenizer, max_source_length=max_source_length, max_target_length=max_target_length, input_format=input_format)
+    wrapped = Generator(seq2seq, g_tokenizer, max_source_length=max_source_length, max_target_length=max_target_length,
+                        input_format=input_format)
     return RagModel(
         question_encoder=q_encoder,
         question_tokenizer=q_tokenizer,

@@ -36,7 +36,8 @@ def _special_frame(tokenizer: PreTrainedTokenizerBase) -> tuple[list[int], list[
     for start in range(len(with_special) - len(bare) + 1):
         if with_special[start : start + len(bare)] == bare:
             return with_special[:start], with_special[start + len(bare) :]
-    raise InputError("cannot locate the special tokens of the generator tokenizer", setting="generator", fix="use a tokenizer that adds its special tokens around the text")
+    raise InputError("cannot locate the special tokens of the generator tokenizer", setting="generator",
+                     fix="use a tokenizer that adds its special tokens around the text")
 
 
 def _pad_rows(rows: list[list[int]], pad_id: int) -> tuple[Tensor, Tensor]:
@@ -50,7 +51,8 @@ def _pad_rows(rows: list[list[int]], pad_id: int) -> tuple[Tensor, Tensor]:
     return ids, mask
 
 
-def _question_first(gen: "Generator", questions: list[str], titles: list[list[str]], texts: list[list[str]]) -> tuple[Tensor, Tensor]:
+def _question_first(gen: "Generator", questions: list[str], titles: list[list[str]],
+                    texts: list[list[str]]) -> tuple[Tensor, Tensor]:
     """``question // title / text``, passage truncated so the question is never cut."""
     tok = gen.tokenizer
     q_ids = tok([gen.prefix + q.strip() for q in questions], add_special_tokens=False)["input_ids"]
@@ -73,14 +75,16 @@ def _question_first(gen: "Generator", questions: list[str], titles: list[list[st
     return _pad_rows(rows, tok.pad_token_id)  # (B*K, L)
 
 
-def _transformers_format(gen: "Generator", questions: list[str], titles: list[list[str]], texts: list[list[str]]) -> tuple[Tensor, Tensor]:
+def _transformers_format(gen: "Generator", questions: list[str], titles: list[list[str]],
+                         texts: list[list[str]]) -> tuple[Tensor, Tensor]:
     """transformers' RagRetriever format ``title / text // question``, padded to max_source_length."""
     strings = [
         (gen.prefix + _clean_title(t) + TITLE_SEP + x + DOC_SEP + q).replace("  ", " ")
         for q, ts, xs in zip(questions, titles, texts)
         for t, x in zip(ts, xs)
     ]
-    enc = gen.tokenizer(strings, max_length=gen.max_source_length, padding="max_length", truncation=True, return_tensors="pt")
+    enc = gen.tokenizer(strings, max_length=gen.max_source_length, padding="max_length", truncation=True,
+                        return_tensors="pt")
     return enc["input_ids"], enc["attention_mask"]  # (B*K, L)
 
 
@@ -105,7 +109,8 @@ class Generator(nn.Module):
     ) -> None:
         super().__init__()
         if input_format not in INPUT_FORMATS:
-            raise InputError(f"unknown input_format {input_format!r}", setting="model.input_format", fix=f"use one of {sorted(INPUT_FORMATS)}")
+            raise InputError(f"unknown input_format {input_format!r}", setting="model.input_format",
+                             fix=f"use one of {sorted(INPUT_FORMATS)}")
         limit = getattr(model.config, "max_position_embeddings", None)
         if limit is not None and max_source_length > limit:
             raise InputError(
@@ -114,7 +119,8 @@ class Generator(nn.Module):
                 fix=f"set it to at most {limit}",
             )
         if model.config.decoder_start_token_id is None:
-            raise InputError("the generator config has no decoder_start_token_id", setting="model.generator", fix="use a seq2seq checkpoint that defines it (BART, T5)")
+            raise InputError("the generator config has no decoder_start_token_id", setting="model.generator",
+                             fix="use a seq2seq checkpoint that defines it (BART, T5)")
         self.model = model
         self.tokenizer = tokenizer
         self.max_source_length = max_source_length
@@ -140,7 +146,8 @@ class Generator(nn.Module):
         """The decoder's first input token (eos = 2 for BART)."""
         return self.model.config.decoder_start_token_id
 
-    def build_inputs(self, questions: list[str], titles: list[list[str]], texts: list[list[str]]) -> tuple[Tensor, Tensor]:
+    def build_inputs(self, questions: list[str], titles: list[list[str]],
+                     texts: list[list[str]]) -> tuple[Tensor, Tensor]:
         """Tokenize every (question, doc) pair: -> input_ids (B*K, L), attention_mask (B*K, L).
 
         Row b*K+k is question b with its doc k. All questions need the same K docs.
@@ -153,7 +160,8 @@ class Generator(nn.Module):
             )
         k = len(titles[0])
         if k == 0 or any(len(t) != k or len(x) != k for t, x in zip(titles, texts)):
-            raise InputError("every question needs the same number K > 0 of titles and texts", setting="retrieved docs", fix="retrieve n_docs passages for each question")
+            raise InputError("every question needs the same number K > 0 of titles and texts", setting="retrieved docs",
+                             fix="retrieve n_docs passages for each question")
         return self._format(self, questions, titles, texts)
 
     def build_question_inputs(self, questions: list[str]) -> tuple[Tensor, Tensor]:
@@ -179,7 +187,8 @@ class Generator(nn.Module):
         SentencePiece tokenizers (T5) treat the leading space as a word start anyway.
         """
         enc = self.tokenizer(
-            [" " + a.strip() for a in answers], max_length=self.max_target_length, truncation=True, padding=True, return_tensors="pt"
+            [" " + a.strip() for a in answers], max_length=self.max_target_length, truncation=True, padding=True,
+            return_tensors="pt",
         )
         target = enc["input_ids"]  # (B, T)
         decoder_input_ids = torch.full_like(target, self.pad_token_id)  # (B, T)
@@ -189,7 +198,8 @@ class Generator(nn.Module):
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor, decoder_input_ids: Tensor) -> Tensor:
         """Teacher-forced logits: (B*K, L) sources, (B*K, T) decoder inputs -> (B*K, T, V)."""
-        out = self.model(input_ids=input_ids, attention_mask=attention_mask, decoder_input_ids=decoder_input_ids, use_cache=False)
+        out = self.model(input_ids=input_ids, attention_mask=attention_mask, decoder_input_ids=decoder_input_ids,
+                         use_cache=False)
         return out.logits
 
     def decode(self, ids: Tensor) -> list[str]:

@@ -84,12 +84,15 @@ class RagModel(nn.Module):
         super().__init__()
         _check_settings(marginalization, loss_reduction, n_docs, label_smoothing)
         if exclude_bos_score and generator.bos_token_id is None:
-            raise InputError("the generator's targets have no BOS token to exclude", setting="model.exclude_bos_score", fix="set it to false for this generator")
+            raise InputError("the generator's targets have no BOS token to exclude", setting="model.exclude_bos_score",
+                             fix="set it to false for this generator")
         _check_length(question_encoder, max_question_length, "max_question_length")
         if context_encoder is not None:
             _check_length(context_encoder, max_passage_length, "max_passage_length")
         if train_context_encoder and (context_encoder is None or context_tokenizer is None):
-            raise InputError("training the context encoder needs it and its tokenizer", setting="model.train_context_encoder", fix="set model.context_encoder (retriever.context_encoder) or set train_context_encoder=false")
+            raise InputError("training the context encoder needs it and its tokenizer",
+                             setting="model.train_context_encoder",
+                             fix="set model.context_encoder (retriever.context_encoder) or train_context_encoder=false")
         self.question_encoder = question_encoder
         self.question_tokenizer = question_tokenizer
         self.generator = generator
@@ -110,13 +113,16 @@ class RagModel(nn.Module):
 
     def settings(self) -> dict[str, Any]:
         """The scalar settings (saved as rag_config.json beside the weights)."""
-        names = ("marginalization", "n_docs", "label_smoothing", "exclude_bos_score", "train_context_encoder", "max_question_length", "max_passage_length", "loss_reduction")
-        gen = {name: getattr(self.generator, name) for name in ("max_source_length", "max_target_length", "input_format")}
+        names = ("marginalization", "n_docs", "label_smoothing", "exclude_bos_score", "train_context_encoder",
+                 "max_question_length", "max_passage_length", "loss_reduction")
+        gen = {name: getattr(self.generator,
+                             name) for name in ("max_source_length", "max_target_length", "input_format")}
         return {**{name: getattr(self, name) for name in names}, **gen}
 
     def tokenize_questions(self, questions: list[str]) -> BatchEncoding:
         """Question-encoder inputs on CPU: input_ids (B, Lq), attention_mask (B, Lq)."""
-        return self.question_tokenizer(questions, max_length=self.max_question_length, truncation=True, padding=True, return_tensors="pt")
+        return self.question_tokenizer(questions, max_length=self.max_question_length, truncation=True, padding=True,
+                                       return_tensors="pt")
 
     def embed_questions(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
         """Question vectors q (B, D); used with no_grad for index search, with grad in forward."""
@@ -129,7 +135,8 @@ class RagModel(nn.Module):
     def tokenize_docs(self, docs: RetrievedDocs) -> BatchEncoding:
         """Context-encoder inputs for every retrieved passage: (B*K, Lp), question-major."""
         if self.context_tokenizer is None:
-            raise InputError("no context tokenizer to encode passages with", setting="model.context_encoder", fix="build the model with a context encoder")
+            raise InputError("no context tokenizer to encode passages with", setting="model.context_encoder",
+                             fix="build the model with a context encoder")
         titles = [t for row in docs.titles for t in row]
         texts = [x for row in docs.texts for x in row]
         return tokenize_passages(self.context_tokenizer, titles, texts, self.max_passage_length)
@@ -177,7 +184,8 @@ class RagModel(nn.Module):
         batch, k_total = docs.ids.shape
         k = self.n_docs if n_docs is None else n_docs
         if not 1 <= k <= k_total:
-            raise InputError(f"n_docs={k} but {k_total} docs were retrieved per question", setting="n_docs", fix=f"use 1..{k_total} or retrieve more docs")
+            raise InputError(f"n_docs={k} but {k_total} docs were retrieved per question", setting="n_docs",
+                             fix=f"use 1..{k_total} or retrieve more docs")
         docs = docs.first(k) if k < k_total else docs
         question_vectors = self.embed_questions(question_input_ids, question_attention_mask)  # (B, D)
         doc_vectors = self._doc_vectors(docs, k_total, passage_input_ids, passage_attention_mask)  # (B, K, D)
@@ -187,7 +195,8 @@ class RagModel(nn.Module):
         else:
             decoder_input_ids = _first_docs(decoder_input_ids, batch, k_total, k)  # (B*K, T)
         seq_logits = self.generator(
-            _first_docs(context_input_ids, batch, k_total, k), _first_docs(context_attention_mask, batch, k_total, k), decoder_input_ids
+            _first_docs(context_input_ids, batch, k_total,
+                        k), _first_docs(context_attention_mask, batch, k_total, k), decoder_input_ids
         )  # (B*K, T, V)
         loss, nll = self.marginal_loss(seq_logits, scores, target)
         return RagOutput(loss=loss, nll=nll, doc_scores=scores, seq_logits=seq_logits)
@@ -212,7 +221,8 @@ class RagModel(nn.Module):
             exclude_bos_score=self.exclude_bos_score, label_smoothing=label_smoothing, bos_token_id=gen.bos_token_id,
         )
 
-    def _doc_vectors(self, docs: RetrievedDocs, k_total: int, passage_ids: Tensor | None, passage_mask: Tensor | None) -> Tensor:
+    def _doc_vectors(self, docs: RetrievedDocs, k_total: int, passage_ids: Tensor | None,
+                     passage_mask: Tensor | None) -> Tensor:
         """(B, K, D) doc vectors: the index's stored ones, or re-encoded when training the context encoder."""
         if not self.train_context_encoder:
             return docs.vectors
@@ -232,17 +242,21 @@ class RagModel(nn.Module):
 def _check_settings(marginalization: str, loss_reduction: str, n_docs: int, label_smoothing: float) -> None:
     """Raise InputError naming the setting for any invalid model setting."""
     if marginalization not in MARGINALIZATIONS:
-        raise InputError(f"unknown marginalization {marginalization!r}", setting="model.marginalization", fix=f"use one of {sorted(MARGINALIZATIONS)}")
+        raise InputError(f"unknown marginalization {marginalization!r}", setting="model.marginalization",
+                         fix=f"use one of {sorted(MARGINALIZATIONS)}")
     if loss_reduction not in REDUCTIONS:
-        raise InputError(f"unknown loss_reduction {loss_reduction!r}", setting="model.loss_reduction", fix=f"use one of {sorted(REDUCTIONS)}")
+        raise InputError(f"unknown loss_reduction {loss_reduction!r}", setting="model.loss_reduction",
+                         fix=f"use one of {sorted(REDUCTIONS)}")
     if n_docs < 1:
         raise InputError(f"n_docs={n_docs}", setting="model.n_docs", fix="use at least 1 document")
     if not 0.0 <= label_smoothing < 1.0:
-        raise InputError(f"label_smoothing={label_smoothing}", setting="model.label_smoothing", fix="use a value in [0, 1)")
+        raise InputError(f"label_smoothing={label_smoothing}", setting="model.label_smoothing",
+                         fix="use a value in [0, 1)")
 
 
 def _check_length(encoder: DenseEncoder, max_length: int, setting: str) -> None:
     """Raise InputError when an encoder cannot embed ``max_length`` positions."""
     limit = getattr(encoder.model.config, "max_position_embeddings", None)
     if limit is not None and max_length > limit:
-        raise InputError(f"{setting}={max_length} exceeds the encoder's {limit} positions", setting=f"retriever.{setting}", fix=f"set it to at most {limit}")
+        raise InputError(f"{setting}={max_length} exceeds the encoder's {limit} positions",
+                         setting=f"retriever.{setting}", fix=f"set it to at most {limit}")

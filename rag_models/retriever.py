@@ -57,7 +57,8 @@ class DenseEncoder(nn.Module):
     def __init__(self, model: PreTrainedModel, *, pooling: str = "pooler") -> None:
         super().__init__()
         if pooling not in POOLINGS:
-            raise InputError(f"unknown pooling {pooling!r}", setting="retriever.pooling", fix=f"use one of {sorted(POOLINGS)} or 'auto'")
+            raise InputError(f"unknown pooling {pooling!r}", setting="retriever.pooling",
+                             fix=f"use one of {sorted(POOLINGS)} or 'auto'")
         self.model = model
         self.pooling = pooling
         self._pool = POOLINGS[pooling]
@@ -70,7 +71,8 @@ class DenseEncoder(nn.Module):
 
         No token_type_ids: all-zero segments, as DPR's own training code feeds passages.
         """
-        outputs = self.model(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=self._hidden_states, return_dict=True)
+        outputs = self.model(input_ids=input_ids, attention_mask=attention_mask,
+                             output_hidden_states=self._hidden_states, return_dict=True)
         return self._pool(outputs, attention_mask)
 
     @property
@@ -87,7 +89,8 @@ class DenseEncoder(nn.Module):
                 tokenizer.save_pretrained(tmp)
 
 
-def load_encoder(name_or_path: str | Path, *, role: str = "question", pooling: str = "auto") -> tuple[DenseEncoder, PreTrainedTokenizerBase]:
+def load_encoder(name_or_path: str | Path, *, role: str = "question",
+                 pooling: str = "auto") -> tuple[DenseEncoder, PreTrainedTokenizerBase]:
     """Load a DPR (or any transformers) encoder by hub name or local path, with its tokenizer.
 
     ``pooling="auto"`` takes the pooling saved with the checkpoint, else "pooler"
@@ -120,8 +123,10 @@ def doc_scores(question_vectors: Tensor, doc_vectors: Tensor) -> Tensor:
     return torch.bmm(question_vectors.unsqueeze(1), docs.transpose(1, 2)).squeeze(1)  # (B, 1, D) x (B, D, K) -> (B, K)
 
 
-def tokenize_passages(tokenizer: PreTrainedTokenizerBase, titles: list[str], texts: list[str], max_length: int) -> BatchEncoding:
+def tokenize_passages(tokenizer: PreTrainedTokenizerBase, titles: list[str], texts: list[str],
+                      max_length: int) -> BatchEncoding:
     """DPR's passage input ``[CLS] title [SEP] text [SEP]``, truncated to max_length: (N, L) tensors."""
     if len(titles) != len(texts):
-        raise InputError(f"{len(titles)} titles for {len(texts)} texts", setting="passages", fix="give one title per passage (an empty string if none)")
+        raise InputError(f"{len(titles)} titles for {len(texts)} texts", setting="passages",
+                         fix="give one title per passage (an empty string if none)")
     return tokenizer(titles, texts, max_length=max_length, truncation=True, padding=True, return_tensors="pt")

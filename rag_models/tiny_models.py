@@ -121,7 +121,8 @@ def save_tiny_checkpoints(
     """
     texts = list(texts)
     if not texts:
-        raise InputError("no text to train the tokenizers on", setting="texts", fix="pass the corpus passages and questions")
+        raise InputError("no text to train the tokenizers on", setting="texts",
+                         fix="pass the corpus passages and questions")
     out_dir = Path(out_dir)
     q_tok, c_tok = dpr_tokenizers(train_wordpiece_vocab(texts, dpr_size.vocab_size))
     bart_tok = train_bart_tokenizer(texts, bart_size.vocab_size)

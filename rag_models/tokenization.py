@@ -41,7 +41,8 @@ def train_wordpiece_vocab(texts: Iterable[str], vocab_size: int = 1000) -> dict[
 def _merge_pieces(counts: Counter[str], vocab_size: int) -> dict[str, int]:
     """WordPiece vocabulary of word ``counts``: specials, every character, then merged pieces in merge order."""
     splits = {word: [word[0]] + ["##" + ch for ch in word[1:]] for word in counts}
-    vocab = WORDPIECE_SPECIALS + sorted({piece for pieces in splits.values() for piece in pieces} - set(WORDPIECE_SPECIALS))
+    alphabet = {piece for pieces in splits.values() for piece in pieces} - set(WORDPIECE_SPECIALS)
+    vocab = WORDPIECE_SPECIALS + sorted(alphabet)
     known = set(vocab)
     pair_counts: Counter[tuple[str, str]] = Counter()
     words_with: defaultdict[tuple[str, str], set[str]] = defaultdict(set)  # pair -> words where it occurs

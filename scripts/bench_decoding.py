@@ -49,7 +49,8 @@ SIZES: dict[str, dict[str, int | float]] = {
 }
 
 
-def build_models(size: str, n_docs: int, device: str) -> tuple[BartForConditionalGeneration, RagTokenForGeneration, RagSequenceForGeneration]:
+def build_models(size: str, n_docs: int,
+                 device: str) -> tuple[BartForConditionalGeneration, RagTokenForGeneration, RagSequenceForGeneration]:
     """One random BART shared by transformers' two RAG models (the question encoder is unused)."""
     torch.manual_seed(0)
     bart = BartForConditionalGeneration(
@@ -135,7 +136,8 @@ def main(argv: list[str] | None = None) -> None:
     cases = {
         "rag-token beam / ours": lambda: rag_token_generate(bart, ids, mask, scores, **search).sequences,
         "rag-token beam / transformers": lambda: hf_token.generate(**inputs, **search),
-        "rag-seq thorough / ours": lambda: rag_sequence_generate(bart, ids, mask, scores, mode="thorough", **search).sequences,
+        "rag-seq thorough / ours": lambda: rag_sequence_generate(bart, ids, mask, scores, mode="thorough",
+                                                                 **search).sequences,
         "rag-seq thorough / transformers": lambda: hf_sequence.generate(**inputs, **search),
         "rag-seq fast / ours": lambda: rag_sequence_generate(bart, ids, mask, scores, mode="fast", **search).sequences,
         "bare generator beam (B*K rows) / transformers": lambda: bart.generate(
@@ -144,7 +146,8 @@ def main(argv: list[str] | None = None) -> None:
     with torch.no_grad():
         results = run_interleaved(cases, args.runs, args.device)
     print(f"\nsize={args.size} device={args.device} threads={args.threads} B={b} K={k} beams={args.num_beams} "
-          f"new_tokens={args.new_tokens} L={args.source_length}; medians of {args.runs} interleaved runs after a warm-up")
+          f"new_tokens={args.new_tokens} L={args.source_length}; "
+          f"medians of {args.runs} interleaved runs after a warm-up")
     print_table(results)
     same_token = torch.equal(results["rag-token beam / ours"]["out"], results["rag-token beam / transformers"]["out"])
     same_seq = torch.equal(results["rag-seq thorough / ours"]["out"], results["rag-seq thorough / transformers"]["out"])

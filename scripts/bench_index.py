@@ -130,7 +130,8 @@ def bench_faiss(name: str, factory: str, vectors: np.ndarray, queries: np.ndarra
         index.set_search_params(refine=args.refine)
         seconds = best_time(functools.partial(index.search, queries, k), args.repeats)
         rows.append({**common, "index": f"{name}+r{args.refine}", "ours_qps": len(queries) / seconds,
-                     "raw_qps": float("nan"), "overhead": float("nan"), "recall": recall(index.search(queries, k)[1], truth)})
+                     "raw_qps": float("nan"), "overhead": float("nan"),
+                     "recall": recall(index.search(queries, k)[1], truth)})
     del index
     return rows, ids
 
@@ -218,7 +219,8 @@ def bench_passages(args: argparse.Namespace, tmp: Path) -> None:
         store.titles(batch), store.texts(batch)
     batched = rows.size / (time.perf_counter() - start)
     after_rss, after_anon = rss() - before, anon() - before_anon
-    print(f"passage store: {args.passages:,} passages, {tsv_mb:,.0f} MB TSV -> {dir_bytes(tmp / 'store') / MB:,.0f} MB store, "
+    print(f"passage store: {args.passages:,} passages, {tsv_mb:,.0f} MB TSV -> "
+          f"{dir_bytes(tmp / 'store') / MB:,.0f} MB store, "
           f"convert {args.passages / convert_s:,.0f} passages/s ({convert_s:.1f} s), open {open_ms:.2f} ms, "
           f"RSS +{open_rss / MB:.1f} MB after open / +{after_rss / MB:.1f} MB after lookups "
           f"(of which file-backed memmap pages {(after_rss - after_anon) / MB:.1f} MB), "

@@ -29,8 +29,10 @@ from rag_models.rag import RagModel  # noqa: E402
 from rag_models.retriever import DenseEncoder  # noqa: E402
 from rag_models.tokenization import dpr_tokenizers, train_bart_tokenizer, train_wordpiece_vocab  # noqa: E402
 
-LARGE = {"bart": dict(d_model=1024, layers=12, heads=16, ffn=4096, vocab=50265), "bert": dict(hidden=768, layers=12, heads=12, ffn=3072, vocab=30522)}
-TINY = {"bart": dict(d_model=64, layers=2, heads=4, ffn=128, vocab=1000), "bert": dict(hidden=32, layers=2, heads=2, ffn=64, vocab=1000)}
+LARGE = {"bart": dict(d_model=1024, layers=12, heads=16, ffn=4096, vocab=50265),
+         "bert": dict(hidden=768, layers=12, heads=12, ffn=3072, vocab=30522)}
+TINY = {"bart": dict(d_model=64, layers=2, heads=4, ffn=128, vocab=1000),
+        "bert": dict(hidden=32, layers=2, heads=2, ffn=64, vocab=1000)}
 
 
 def build_model(sizes: dict, n_docs: int) -> RagModel:
@@ -56,7 +58,11 @@ def random_batch(model: RagModel, batch: int, n_docs: int, device: torch.device)
     q_vocab = model.question_encoder.model.config.vocab_size
     g_vocab = model.generator.model.config.vocab_size
     dim = model.question_encoder.dim
-    ids = lambda rows, length, vocab: torch.randint(4, vocab, (rows, length), device=device)
+
+    def ids(rows: int, length: int, vocab: int) -> torch.Tensor:
+        """Random token ids (rows, length), clear of the first 4 special ids."""
+        return torch.randint(4, vocab, (rows, length), device=device)
+
     target = ids(batch, 12, g_vocab)
     target[:, 0], target[:, -1] = 0, 2  # <s> ... </s>
     decoder_input_ids = torch.cat([torch.full((batch, 1), 2, device=device), target[:, :-1]], dim=1)  # (B, T)
@@ -64,7 +70,8 @@ def random_batch(model: RagModel, batch: int, n_docs: int, device: torch.device)
                          scores=torch.zeros(batch, n_docs, device=device),
                          vectors=torch.randn(batch, n_docs, dim, device=device),
                          titles=[[""] * n_docs] * batch, texts=[[""] * n_docs] * batch)
-    return {"question_input_ids": ids(batch, 24, q_vocab), "question_attention_mask": torch.ones(batch, 24, dtype=torch.long, device=device),
+    return {"question_input_ids": ids(batch, 24, q_vocab),
+            "question_attention_mask": torch.ones(batch, 24, dtype=torch.long, device=device),
             "docs": docs, "context_input_ids": ids(batch * n_docs, 256, g_vocab),
             "context_attention_mask": torch.ones(batch * n_docs, 256, dtype=torch.long, device=device),
             "decoder_input_ids": decoder_input_ids, "target": target}
@@ -108,7 +115,8 @@ def main() -> None:
         "parameters_M": round(sum(p.numel() for p in model.parameters()) / 1e6, 1),
         "precision": args.precision, "batch": args.batch, "docs": args.docs,
         "seconds_per_step": round(seconds, 4), "questions_per_s": round(args.batch / seconds, 2),
-        "peak_gpu_memory_GiB": round(torch.cuda.max_memory_allocated(device) / 2**30, 2) if device.type == "cuda" else None,
+        "peak_gpu_memory_GiB": round(torch.cuda.max_memory_allocated(device) / 2**30,
+                                     2) if device.type == "cuda" else None,
         "final_loss": round(float(loss.detach()), 4),
     }
     print(json.dumps(report, indent=2))

@@ -2,7 +2,8 @@
 
 Same as the `rag-build-index` console command, for a checkout without `pip install -e .`:
 
-    python scripts/build_index.py --passages psgs_w100.tsv --encoder facebook/dpr-ctx_encoder-single-nq-base --out indexes/wiki
+    python scripts/build_index.py --passages psgs_w100.tsv \\
+        --encoder facebook/dpr-ctx_encoder-single-nq-base --out indexes/wiki
 """
 from __future__ import annotations
 

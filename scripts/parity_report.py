@@ -86,7 +86,8 @@ def compare(parts: dict, batch: dict, marginalization: str, exclude_bos: bool, e
     ours = RagModel(
         question_encoder=DenseEncoder(q_encoder), question_tokenizer=parts["q_tok"],
         generator=Generator(bart, parts["bart_tok"], max_source_length=128, max_target_length=32),
-        marginalization=marginalization, n_docs=batch["docs"].n_docs, label_smoothing=eps, exclude_bos_score=exclude_bos,
+        marginalization=marginalization, n_docs=batch["docs"].n_docs, label_smoothing=eps,
+        exclude_bos_score=exclude_bos,
     ).eval()
     inputs = ours.prepare_inputs(batch["questions"], batch["docs"], batch["answers"])
     q_encoder.zero_grad(set_to_none=True)
@@ -102,8 +103,10 @@ def compare(parts: dict, batch: dict, marginalization: str, exclude_bos: bool, e
         q_encoder.config, bart.config, n_docs=batch["docs"].n_docs, label_smoothing=eps, reduce_loss=False
     )
     theirs = HF_CLASSES[marginalization](config, question_encoder=q_encoder, generator=bart).eval()
-    labels = torch.cat([target.new_full((target.shape[0], 1), bart.config.decoder_start_token_id), target], 1)  # (B, T+1)
-    q = q_encoder(inputs["question_input_ids"], attention_mask=inputs["question_attention_mask"]).pooler_output  # (B, D)
+    start = target.new_full((target.shape[0], 1), bart.config.decoder_start_token_id)  # (B, 1)
+    labels = torch.cat([start, target], 1)  # (B, T+1)
+    q = q_encoder(inputs["question_input_ids"], attention_mask=inputs["question_attention_mask"])
+    q = q.pooler_output  # (B, D)
     scores = torch.bmm(q.unsqueeze(1), batch["docs"].vectors.transpose(1, 2)).squeeze(1)  # (B, K)
     logits = theirs(
         context_input_ids=inputs["context_input_ids"], context_attention_mask=inputs["context_attention_mask"],
@@ -144,11 +147,14 @@ def main() -> None:
     torch.set_num_threads(1)
     dtype = getattr(torch, args.dtype)
     parts = build_parts(args.seed, dtype)
-    print(f"tiny DPR {parts['dim']}-d + tiny BART, {args.batches} batches of {args.batch_size} questions x {args.n_docs} docs, {args.dtype}")
-    print(f"{'marginalization':<16}{'exclude_bos':<13}{'smoothing':<11}{'max|d ex. loss|':>17}{'max|d batch loss|':>19}{'max|d grad q|':>15}{'rel. grad':>11}{'max loss':>10}")
+    print(f"tiny DPR {parts['dim']}-d + tiny BART, {args.batches} batches of {args.batch_size} questions "
+          f"x {args.n_docs} docs, {args.dtype}")
+    print(f"{'marginalization':<16}{'exclude_bos':<13}{'smoothing':<11}{'max|d ex. loss|':>17}"
+          f"{'max|d batch loss|':>19}{'max|d grad q|':>15}{'rel. grad':>11}{'max loss':>10}")
     for marginalization, exclude_bos, eps in itertools.product(["sequence", "token"], [False, True], [0.0, 0.1]):
         rng = random.Random(args.seed + 1)
-        rows = [compare(parts, make_batch(rng, args.batch_size, args.n_docs, parts["dim"], dtype), marginalization, exclude_bos, eps) for _ in range(args.batches)]
+        rows = [compare(parts, make_batch(rng, args.batch_size, args.n_docs, parts["dim"], dtype), marginalization,
+                        exclude_bos, eps) for _ in range(args.batches)]
         ex, bl, gd = (max(r[i] for r in rows) for i in range(3))
         rel = max(r[2] / r[3] for r in rows)
         top = max(r[4] for r in rows)  # float32 spacing near it bounds what "equal" can mean

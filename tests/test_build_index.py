@@ -37,7 +37,8 @@ def _tiny_encoder(directory: Path, texts: list[str]) -> Path:
     raw.train_from_iterator(texts, trainers.WordPieceTrainer(vocab_size=120, special_tokens=special))
     cls_id, sep_id = raw.token_to_id("[CLS]"), raw.token_to_id("[SEP]")
     raw.post_processor = processors.TemplateProcessing(
-        single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1", special_tokens=[("[CLS]", cls_id), ("[SEP]", sep_id)])
+        single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1",
+        special_tokens=[("[CLS]", cls_id), ("[SEP]", sep_id)])
     tokenizer = BertTokenizerFast(tokenizer_object=raw, unk_token="[UNK]", pad_token="[PAD]", cls_token="[CLS]",
                                   sep_token="[SEP]", mask_token="[MASK]")
     torch.manual_seed(0)
@@ -75,7 +76,8 @@ def test_cli_builds_a_self_contained_index(setup, capsys):
     assert "30 passages, dim 32, factory Flat" in capsys.readouterr().out
     assert sorted(p.name for p in (root / "out").iterdir()) == ["index", "passages"]  # shards cleaned up
     manifest = IndexManifest.load(root / "out" / "index")
-    assert (manifest.count, manifest.dim, manifest.encoder, manifest.passages_path) == (30, 32, str(encoder), "../passages")
+    assert (manifest.count, manifest.dim, manifest.encoder,
+            manifest.passages_path) == (30, 32, str(encoder), "../passages")
     want = _direct_vectors(encoder, corpus)
     stored = np.load(root / "out" / "index" / "vectors.npy")
     np.testing.assert_allclose(stored, want, rtol=1e-4, atol=1e-5)
@@ -89,7 +91,8 @@ def test_cli_builds_a_self_contained_index(setup, capsys):
     all_scores = want[:2] @ stored.T  # (2, 30)
     top_scores = -np.sort(-all_scores, axis=1)[:, :3]  # (2, 3)
     np.testing.assert_allclose(docs.scores.numpy(), top_scores, rtol=1e-5, atol=1e-5)
-    np.testing.assert_allclose(np.take_along_axis(all_scores, docs.ids.numpy(), axis=1), top_scores, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(np.take_along_axis(all_scores, docs.ids.numpy(), axis=1), top_scores, rtol=1e-5,
+                               atol=1e-5)
     assert len(set(docs.ids[0].tolist())) == 3
     assert docs.texts[0][0] == corpus[int(docs.ids[0, 0])].text
     (root / "moved" / "out").rename(root / "out")

@@ -68,5 +68,7 @@ def test_gradient_accumulation_matches_the_larger_batch(tiny_no_dropout: TinySet
 def _weights_of_start(tiny_no_dropout: TinySetup) -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
 
-    return {**{f"question_encoder.{k}": v for k, v in load_file(str(tiny_no_dropout.models.question_encoder / "model.safetensors")).items()},
-            **{f"generator.{k}": v for k, v in load_file(str(tiny_no_dropout.models.generator / "model.safetensors")).items()}}
+    return {**{f"question_encoder.{k}": v for k,
+               v in load_file(str(tiny_no_dropout.models.question_encoder / "model.safetensors")).items()},
+            **{f"generator.{k}": v for k,
+               v in load_file(str(tiny_no_dropout.models.generator / "model.safetensors")).items()}}

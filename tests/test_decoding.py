@@ -136,7 +136,8 @@ def _check_provenance(tiny, result, r: int, finite_only: bool = False) -> None:
             if finite_only and math.isinf(got):
                 assert result.doc_posteriors[row, k] == 0
                 continue
-            want = brute_force_loglik(tiny["bart"], tiny["ids"][b * K + k], tiny["mask"][b * K + k], result.sequences[row])
+            want = brute_force_loglik(tiny["bart"], tiny["ids"][b * K + k], tiny["mask"][b * K + k],
+                                      result.sequences[row])
             assert got == pytest.approx(want, abs=1e-4)
         joint = prior[b] + result.doc_loglik[row]
         assert torch.allclose(result.doc_posteriors[row], torch.softmax(joint, -1), atol=1e-5)
@@ -216,7 +217,8 @@ def rag_parts(tmp_path_factory):
     root = tmp_path_factory.mktemp("answer")
     passages = root / "passages.jsonl"
     towns = [f"Town{i}" for i in range(12)]
-    rows = [{"id": f"p{i}", "title": town, "text": f"{town} lies on the river R{i} in region G{i % 3}."} for i, town in enumerate(towns)]
+    rows = [{"id": f"p{i}", "title": town, "text": f"{town} lies on the river R{i} in region G{i % 3}."} for i,
+            town in enumerate(towns)]
     passages.write_text("".join(json.dumps(r) + "\n" for r in rows))
     texts = [f"{r['title']} {r['text']}" for r in rows] + [f"which river flows through {t}?" for t in towns]
     small_dpr = TinyDprSize(hidden_size=32, num_layers=1, num_heads=2, intermediate_size=64, vocab_size=200)
@@ -225,7 +227,8 @@ def rag_parts(tmp_path_factory):
     model = build_rag_model(question_encoder=str(paths.question_encoder), generator=str(paths.generator), n_docs=3,
                             max_question_length=32, max_passage_length=64, max_source_length=128)
     save_rag_model(model, root / "rag")
-    index_dir = build_index(passages, paths.context_encoder, root / "index", factory="Flat", max_length=64, progress=False).parent
+    index_dir = build_index(passages, paths.context_encoder, root / "index", factory="Flat", max_length=64,
+                            progress=False).parent
     questions = [f"which river flows through {t}?" for t in towns[:3]]
     return {"model": model, "retriever": Retriever.from_dir(index_dir), "checkpoint": root / "rag", "index": index_dir,
             "questions": questions, "towns": towns}
@@ -268,7 +271,8 @@ def test_answer_rejects_bad_settings(rag_parts):
 
 
 def test_rag_ask_prints_answers_with_supporting_titles(rag_parts, capsys, monkeypatch):
-    base = ["--checkpoint", str(rag_parts["checkpoint"]), "--index", str(rag_parts["index"]), "--max-length", "6", "--num-beams", "2"]
+    base = ["--checkpoint", str(rag_parts["checkpoint"]), "--index", str(rag_parts["index"]), "--max-length", "6",
+            "--num-beams", "2"]
     assert ask_main([*base, "--strategy", "fast", rag_parts["questions"][0]]) == 0
     out = capsys.readouterr().out
     assert out.startswith(f"Q: {rag_parts['questions'][0]}\nA: ") and "from: " in out

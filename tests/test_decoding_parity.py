@@ -66,7 +66,8 @@ def _theirs_token(m: dict, **search) -> object:
     extra = {} if m["forced_bos"] is None else {"forced_bos_token_id": m["forced_bos"]}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        return m["token"].generate(**_inputs(m), n_docs=K, output_scores=True, return_dict_in_generate=True, **search, **extra)
+        return m["token"].generate(**_inputs(m), n_docs=K, output_scores=True, return_dict_in_generate=True, **search,
+                                   **extra)
 
 
 def test_outputs_are_not_degenerate(shared):
@@ -82,7 +83,8 @@ def test_outputs_are_not_degenerate(shared):
 
 
 def test_rag_token_greedy_matches_transformers(models):
-    ours = rag_token_generate(models["bart"], models["ids"], models["mask"], models["scores"], max_length=MAX_LENGTH, min_length=3)
+    ours = rag_token_generate(models["bart"], models["ids"], models["mask"], models["scores"], max_length=MAX_LENGTH,
+                              min_length=3)
     theirs = _theirs_token(models, num_beams=1, max_length=MAX_LENGTH, min_length=3)
     assert torch.equal(ours.sequences, theirs.sequences)
 
@@ -121,7 +123,8 @@ def test_rag_sequence_thorough_matches_transformers(models, num_beams, num_retur
     # min_length 3: transformers' RAG-Sequence drops log p(z|x) for one-token answers
     # (it adds it at target position 1, a pad there); ours scores those correctly.
     search = dict(num_beams=num_beams, num_return_sequences=num_return_sequences, max_length=MAX_LENGTH, min_length=3)
-    ours = rag_sequence_generate(models["bart"], models["ids"], models["mask"], models["scores"], mode="thorough", **search)
+    ours = rag_sequence_generate(models["bart"], models["ids"], models["mask"], models["scores"], mode="thorough",
+                                 **search)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         theirs = models["sequence"].generate(**_inputs(models), n_docs=K, **search)  # deduplication on (default)

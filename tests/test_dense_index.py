@@ -97,13 +97,15 @@ def test_save_load_round_trip(tmp_path):
     assert (manifest.dim, manifest.count, manifest.factory, manifest.encoder) == (D, N, "HNSW8", "tiny-ctx")
     np.testing.assert_array_equal(loaded.vectors(after[1]), vectors[after[1]])
     # The exact torch backend opens the same directory (ignores index.faiss).
-    np.testing.assert_array_equal(TorchIndex.load(tmp_path / "idx").search(queries, K)[1], _brute_force(vectors, queries, K)[1])
+    np.testing.assert_array_equal(TorchIndex.load(tmp_path / "idx").search(queries, K)[1],
+                                  _brute_force(vectors, queries, K)[1])
 
 
 def test_torch_index_save_load_and_faiss_refusal(tmp_path):
     vectors, queries = _data(6)
     TorchIndex.build(vectors).save(tmp_path / "exact")
-    np.testing.assert_array_equal(TorchIndex.load(tmp_path / "exact").search(queries, 3)[1], _brute_force(vectors, queries, 3)[1])
+    np.testing.assert_array_equal(TorchIndex.load(tmp_path / "exact").search(queries, 3)[1],
+                                  _brute_force(vectors, queries, 3)[1])
     with pytest.raises(InputError, match="torch backend"):
         DenseIndex.load(tmp_path / "exact")
 

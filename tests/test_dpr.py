@@ -31,7 +31,8 @@ def test_collate_puts_positives_first_and_fills_missing_hard_negatives():
 def test_contrastive_loss_masks_duplicates_of_the_positive(tiny: TinySetup):
     from training.lit.dpr_module import DprLitModule
 
-    module = DprLitModule(question_encoder=str(tiny.models.question_encoder), context_encoder=str(tiny.models.context_encoder),
+    module = DprLitModule(question_encoder=str(tiny.models.question_encoder),
+                          context_encoder=str(tiny.models.context_encoder),
                           optimizer=torch.optim.AdamW)
     q = torch.tensor([[1.0, 0.0], [0.0, 1.0]])  # (B=2, D)
     p = torch.tensor([[2.0, 0.0], [0.0, 2.0], [2.0, 0.0]])  # (P=3, D): column 2 repeats question 0's positive

@@ -46,7 +46,8 @@ def model(ckpt) -> RagModel:
 
 def _docs(dim: int) -> RetrievedDocs:
     vectors = torch.randn(2, 2, dim, generator=torch.Generator().manual_seed(0))
-    return RetrievedDocs(ids=torch.arange(4).view(2, 2), scores=torch.zeros(2, 2), vectors=vectors, titles=TITLES, texts=TEXTS)
+    return RetrievedDocs(ids=torch.arange(4).view(2, 2), scores=torch.zeros(2, 2), vectors=vectors, titles=TITLES,
+                         texts=TEXTS)
 
 
 def test_dpr_pooler_and_cls_pooling_agree_and_mean_ignores_pads(ckpt):
@@ -66,7 +67,8 @@ def test_dpr_pooler_and_cls_pooling_agree_and_mean_ignores_pads(ckpt):
 
 
 def test_any_transformers_encoder_with_saved_pooling_round_trips(ckpt, tmp_path):
-    config = BertConfig(vocab_size=200, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32)
+    config = BertConfig(vocab_size=200, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                        intermediate_size=32)
     _, tok = load_encoder(ckpt.question_encoder, role="question")
     bert = DenseEncoder(BertModel(config).eval(), pooling="mean")
     bert.save_pretrained(tmp_path / "bert", tokenizer=tok)
@@ -74,7 +76,8 @@ def test_any_transformers_encoder_with_saved_pooling_round_trips(ckpt, tmp_path)
     assert again.pooling == "mean" and type(again.model) is BertModel
     enc = tok2(QUESTIONS, padding=True, return_tensors="pt")
     with torch.no_grad():
-        torch.testing.assert_close(bert(enc["input_ids"], enc["attention_mask"]), again(enc["input_ids"], enc["attention_mask"]))
+        torch.testing.assert_close(bert(enc["input_ids"], enc["attention_mask"]),
+                                   again(enc["input_ids"], enc["attention_mask"]))
     assert not any(p.name.startswith(".") for p in tmp_path.iterdir())  # no temp dir left behind
 
 
@@ -146,7 +149,8 @@ def test_frozen_context_encoder_gets_no_gradient(model):
 
 def test_end_to_end_mode_trains_the_context_encoder(ckpt):
     e2e = build_rag_model(
-        question_encoder=str(ckpt.question_encoder), context_encoder=str(ckpt.context_encoder), generator=str(ckpt.generator),
+        question_encoder=str(ckpt.question_encoder), context_encoder=str(ckpt.context_encoder),
+        generator=str(ckpt.generator),
         n_docs=2, max_source_length=40, max_target_length=16, max_passage_length=64, train_context_encoder=True,
         marginalization="token",
     ).eval()

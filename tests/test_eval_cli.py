@@ -189,7 +189,8 @@ def test_command_line(parts, tmp_path, monkeypatch, capsys):
     eval_main()
     printed = capsys.readouterr().out
     assert "exact_match" in printed and (out / "metrics.json").is_file() and (out / ".hydra").is_dir()
-    monkeypatch.setattr(sys, "argv", ["rag-eval", *_overrides(parts, tmp_path / "bad", f"checkpoint={tmp_path / 'missing'}")])
+    monkeypatch.setattr(sys, "argv",
+                        ["rag-eval", *_overrides(parts, tmp_path / "bad", f"checkpoint={tmp_path / 'missing'}")])
     with pytest.raises(SystemExit) as exited:
         eval_main()
     assert exited.value.code == 2

@@ -96,7 +96,8 @@ def _oracle(kind: str, logits, scores, target, exclude_bos: bool, eps: float) ->
     if exclude_bos:  # transformers' RAG-Token has no exclude_bos_score: drop position 0's NLL term by hand
         masked = labels.clone()
         masked[:, 1] = PAD
-        bos_term = RagTokenForGeneration.get_nll(fake, their_logits, scores, labels, epsilon=0.0) - RagTokenForGeneration.get_nll(
+        bos_term = RagTokenForGeneration.get_nll(fake, their_logits, scores, labels,
+                                                 epsilon=0.0) - RagTokenForGeneration.get_nll(
             fake, their_logits, scores, masked, epsilon=0.0
         )
         full = RagTokenForGeneration.get_nll(fake, their_logits, scores, labels, epsilon=eps)

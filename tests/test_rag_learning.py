@@ -94,7 +94,8 @@ def build(names: list[str], marginalization: str) -> Setup:
     return Setup(model, context, c_tok)
 
 
-def retrieved(world: World, index: torch.Tensor, rows: list[int], rng: random.Random) -> tuple[RetrievedDocs, list[int]]:
+def retrieved(world: World, index: torch.Tensor, rows: list[int],
+              rng: random.Random) -> tuple[RetrievedDocs, list[int]]:
     """Gold passage + K-1 random distractors per question, shuffled; returns docs and gold slots."""
     ids, gold = [], []
     for row in rows:
@@ -131,7 +132,8 @@ def train(marginalization: str, steps: int) -> dict[str, float]:
     test_world = draw_world(names, random.Random(12345))
     result = dict(zip(("nll_before", "gold_before"), evaluate(setup, test_world)))
     optimizer = torch.optim.Adam(
-        [{"params": model.generator.parameters(), "lr": 3e-3}, {"params": model.question_encoder.parameters(), "lr": 1e-3}]
+        [{"params": model.generator.parameters(), "lr": 3e-3},
+         {"params": model.question_encoder.parameters(), "lr": 1e-3}]
     )
     model.train()
     for _ in range(steps):

@@ -45,7 +45,8 @@ def parts():
     q_encoder = tiny_dpr_encoder("question", len(q_tok), dpr_size, seed=0)
     bart = tiny_bart(bart_tok, bart_size, seed=1)
     vectors = torch.randn(B, K, dpr_size.hidden_size, generator=torch.Generator().manual_seed(2))  # the index's
-    docs = RetrievedDocs(ids=torch.arange(B * K).view(B, K), scores=torch.zeros(B, K), vectors=vectors, titles=TITLES, texts=TEXTS)
+    docs = RetrievedDocs(ids=torch.arange(B * K).view(B, K), scores=torch.zeros(B, K), vectors=vectors, titles=TITLES,
+                         texts=TEXTS)
     return SimpleNamespace(q_tok=q_tok, bart_tok=bart_tok, q_encoder=q_encoder, bart=bart, docs=docs)
 
 
@@ -53,7 +54,8 @@ def parts():
 def parts64(parts):
     """The same models in float64, where both implementations agree far below float32 rounding."""
     docs = parts.docs
-    docs64 = RetrievedDocs(ids=docs.ids, scores=docs.scores, vectors=docs.vectors.double(), titles=docs.titles, texts=docs.texts)
+    docs64 = RetrievedDocs(ids=docs.ids, scores=docs.scores, vectors=docs.vectors.double(), titles=docs.titles,
+                           texts=docs.texts)
     return SimpleNamespace(
         q_tok=parts.q_tok, bart_tok=parts.bart_tok, docs=docs64,
         q_encoder=copy.deepcopy(parts.q_encoder).double(), bart=copy.deepcopy(parts.bart).double(),
@@ -61,7 +63,8 @@ def parts64(parts):
 
 
 def _ours(parts, marginalization: str, exclude_bos: bool, eps: float, input_format: str = "question_first") -> RagModel:
-    generator = Generator(parts.bart, parts.bart_tok, max_source_length=48, max_target_length=16, input_format=input_format)
+    generator = Generator(parts.bart, parts.bart_tok, max_source_length=48, max_target_length=16,
+                          input_format=input_format)
     return RagModel(
         question_encoder=DenseEncoder(parts.q_encoder, pooling="pooler"),
         question_tokenizer=parts.q_tok,
@@ -75,7 +78,8 @@ def _ours(parts, marginalization: str, exclude_bos: bool, eps: float, input_form
 
 def _theirs(parts, marginalization: str, exclude_bos: bool, eps: float):
     config = RagConfig.from_question_encoder_generator_configs(
-        parts.q_encoder.config, parts.bart.config, n_docs=K, label_smoothing=eps, exclude_bos_score=exclude_bos, reduce_loss=False
+        parts.q_encoder.config, parts.bart.config, n_docs=K, label_smoothing=eps, exclude_bos_score=exclude_bos,
+        reduce_loss=False,
     )
     return RAG_CLASSES[marginalization](config, question_encoder=parts.q_encoder, generator=parts.bart).eval()
 
@@ -98,7 +102,8 @@ def run_both(parts, marginalization: str, exclude_bos: bool, eps: float) -> dict
     # transformers: labels = [decoder_start] + target, fed unshifted as its decoder input
     target = batch["target"]
     labels = torch.cat([target.new_full((B, 1), parts.bart.config.decoder_start_token_id), target], 1)  # (B, T+1)
-    q = parts.q_encoder(batch["question_input_ids"], attention_mask=batch["question_attention_mask"]).pooler_output  # (B, D)
+    q = parts.q_encoder(batch["question_input_ids"], attention_mask=batch["question_attention_mask"])
+    q = q.pooler_output  # (B, D)
     scores = torch.bmm(q.unsqueeze(1), parts.docs.vectors.transpose(1, 2)).squeeze(1)  # (B, K)
     extra = {"exclude_bos_score": exclude_bos} if marginalization == "sequence" else {}
     their_out = theirs(
@@ -150,7 +155,8 @@ def test_seq_logits_equal_transformers_logits(parts):
 def test_transformers_format_is_token_for_token_their_retriever(parts):
     ours = Generator(parts.bart, parts.bart_tok, max_source_length=40, input_format="transformers")
     ids, mask = ours.build_inputs(QUESTIONS, TITLES, TEXTS)
-    fake = SimpleNamespace(config=SimpleNamespace(title_sep=" / ", doc_sep=" // ", max_combined_length=40), generator_tokenizer=parts.bart_tok)
+    fake = SimpleNamespace(config=SimpleNamespace(title_sep=" / ", doc_sep=" // ", max_combined_length=40),
+                           generator_tokenizer=parts.bart_tok)
     docs = [{"title": t, "text": x} for t, x in zip(TITLES, TEXTS)]
     their_ids, their_mask = RagRetriever.postprocess_docs(fake, docs, QUESTIONS, None, K, return_tensors="pt")
     assert torch.equal(ids, their_ids) and torch.equal(mask, their_mask)

@@ -46,7 +46,8 @@ def test_retrieve_returns_ids_scores_vectors_and_texts(tmp_path, backend):
     want = np.argsort(-(vectors[[3, 17]] @ vectors.T), axis=1)[:, :K]
     np.testing.assert_array_equal(docs.ids.numpy(), want)
     np.testing.assert_allclose(docs.vectors.numpy(), vectors[want], rtol=1e-6)
-    torch.testing.assert_close(docs.scores, torch.einsum("bd,bkd->bk", queries.detach(), docs.vectors), rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(docs.scores, torch.einsum("bd,bkd->bk", queries.detach(), docs.vectors), rtol=1e-5,
+                               atol=1e-4)
     assert docs.titles[0][0] == "A title 3" and docs.texts[1][0] == "in world A, fact 17"
     assert [len(row) for row in docs.titles] == [K, K]
 

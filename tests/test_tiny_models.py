@@ -31,7 +31,8 @@ def same_tokenization(a: PreTrainedTokenizerBase, b: PreTrainedTokenizerBase, te
 @pytest.fixture(scope="module")
 def checkpoints(tmp_path_factory):
     out = tmp_path_factory.mktemp("tiny")
-    return save_tiny_checkpoints(out, TEXTS, dpr_size=TinyDprSize(vocab_size=200), bart_size=TinyBartSize(vocab_size=300))
+    return save_tiny_checkpoints(out, TEXTS, dpr_size=TinyDprSize(vocab_size=200),
+                                 bart_size=TinyBartSize(vocab_size=300))
 
 
 def test_wordpiece_tokenizer_adds_cls_sep_and_lowercases():
@@ -86,7 +87,8 @@ def test_tiny_bart_dropout_setting_is_saved_and_used():
     tok = train_bart_tokenizer(TEXTS, 300)
     ids = torch.tensor([tok("the town lies on a river")["input_ids"]])
     for rate, same in ((0.0, True), (0.5, False)):
-        bart = tiny_bart(tok, TinyBartSize(d_model=32, layers=1, heads=2, ffn_dim=64, vocab_size=300, dropout=rate), seed=0)
+        bart = tiny_bart(tok, TinyBartSize(d_model=32, layers=1, heads=2, ffn_dim=64, vocab_size=300, dropout=rate),
+                         seed=0)
         assert bart.config.dropout == rate
         bart.train()
         first, second = (bart(input_ids=ids, decoder_input_ids=ids).logits for _ in range(2))

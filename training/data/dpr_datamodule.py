@@ -45,7 +45,8 @@ class DprTrainSet(Dataset):
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         ex = self.examples[index]
-        return {"question": ex.question, "positive": ex.positives[0], "hard": list(ex.hard_negatives[: self.hard_negatives])}
+        return {"question": ex.question, "positive": ex.positives[0],
+                "hard": list(ex.hard_negatives[: self.hard_negatives])}
 
 
 def collate_dpr(items: list[dict[str, Any]], hard_negatives: int) -> dict[str, Any]:
@@ -80,7 +81,8 @@ class DevQuestions(Dataset):
 
     def __getitem__(self, position: int) -> dict[str, Any]:
         ex = self.examples[position % len(self.examples)]
-        return {"question": ex.question, "gold": [passage_key(p) for p in ex.positives], "real": position < len(self.examples)}
+        return {"question": ex.question, "gold": [passage_key(p) for p in ex.positives],
+                "real": position < len(self.examples)}
 
 
 def collate_dev(items: list[dict[str, Any]]) -> dict[str, Any]:

@@ -108,11 +108,13 @@ class QADataModule(pl.LightningDataModule):
     ) -> None:
         super().__init__()
         if answers not in ANSWER_CHOICES:
-            raise InputError(f"unknown answers={answers!r}", setting="data.answers", fix=f"use one of {sorted(ANSWER_CHOICES)}")
+            raise InputError(f"unknown answers={answers!r}", setting="data.answers",
+                             fix=f"use one of {sorted(ANSWER_CHOICES)}")
         if batch_size < 1 or eval_batch_size < 1:
             raise InputError(f"batch_size={batch_size}, eval_batch_size={eval_batch_size}", setting="data.batch_size",
                              fix="use positive batch sizes (per device)")
-        self.files = {"train": (train_file, train_split, max_train_examples), "val": (val_file, val_split, max_val_examples),
+        self.files = {"train": (train_file, train_split, max_train_examples),
+                      "val": (val_file, val_split, max_val_examples),
                       "test": (test_file, test_split, max_test_examples)}
         self.batch_size = batch_size
         self.eval_batch_size = eval_batch_size
@@ -126,7 +128,8 @@ class QADataModule(pl.LightningDataModule):
 
     def setup(self, stage: str | None = None) -> None:
         """Read the files each stage needs (once)."""
-        wanted = {"fit": ("train", "val"), "validate": ("val",), "test": ("test",)}.get(stage or "", ("train", "val", "test"))
+        wanted = {"fit": ("train", "val"), "validate": ("val",),
+                  "test": ("test",)}.get(stage or "", ("train", "val", "test"))
         for name in wanted:
             if name not in self.splits:
                 path, split, limit = self.files[name]

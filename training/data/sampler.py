@@ -29,7 +29,8 @@ class ResumableSampler(Sampler[int]):
     def __init__(self, num_examples: int, *, seed: int = 0, shuffle: bool = True, rank: int = 0,
                  world_size: int = 1, drop_last: bool = False) -> None:
         if num_examples < 1:
-            raise InputError("the training set is empty", setting="data.train_file", fix="point it at a file with questions")
+            raise InputError("the training set is empty", setting="data.train_file",
+                             fix="point it at a file with questions")
         if not 0 <= rank < world_size:
             raise InputError(f"rank {rank} outside a world of {world_size}", setting="trainer.devices")
         self.num_examples = num_examples

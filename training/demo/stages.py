@@ -129,7 +129,8 @@ def finished_world(out: Path) -> WorldFiles | None:
 
 def finished_tiny_models(out: Path) -> CheckpointPaths | None:
     """The tiny checkpoints of an earlier run (each is saved atomically), else None."""
-    paths = CheckpointPaths(out / "tiny" / "question_encoder", out / "tiny" / "context_encoder", out / "tiny" / "generator")
+    paths = CheckpointPaths(out / "tiny" / "question_encoder", out / "tiny" / "context_encoder",
+                            out / "tiny" / "generator")
     return paths if all((p / "config.json").is_file() for p in (paths.question_encoder, paths.context_encoder,
                                                                   paths.generator)) else None
 

@@ -47,7 +47,8 @@ class SamplePredictions(pl.Callback):
             return
         rows = ["| question | prediction | answers | retrieved |", "|---|---|---|---|"]
         for example, prediction in zip(examples, predictions):
-            cells = (example.question, prediction.text, " / ".join(example.answers), " · ".join(prediction.titles) or "(none)")
+            cells = (example.question, prediction.text, " / ".join(example.answers),
+                     " · ".join(prediction.titles) or "(none)")
             rows.append("| " + " | ".join(_markdown_cell(c) for c in cells) + " |")
         text = "\n".join(rows)
         for logger in trainer.loggers:
@@ -64,7 +65,8 @@ class Throughput(pl.Callback):
         self._start: float | None = None
         self._seen = 0
 
-    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,
+                             batch_idx: int) -> None:
         self._start = time.perf_counter()
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
@@ -75,7 +77,8 @@ class Throughput(pl.Callback):
         seconds = max(time.perf_counter() - self._start, 1e-9)
         # Ranks run in lock step (DDP), so the global rate is the local one times the world size.
         world = trainer.world_size
-        pl_module.log("perf/questions_per_s", world * outputs.get("n_questions", 0) / seconds, on_step=True, on_epoch=False)
+        pl_module.log("perf/questions_per_s", world * outputs.get("n_questions", 0) / seconds, on_step=True,
+                      on_epoch=False)
         pl_module.log("perf/tokens_per_s", world * outputs.get("n_tokens", 0) / seconds, on_step=True, on_epoch=False)
 
 
@@ -97,7 +100,8 @@ class IndexRefresh(pl.Callback):
         model = getattr(pl_module, "model", None)
         if model is None or not getattr(model, "train_context_encoder", False):
             raise InputError("the index refresh only makes sense while the context encoder trains",
-                             setting="callbacks.index_refresh", fix="set model.train_context_encoder=true or drop the callback")
+                             setting="callbacks.index_refresh",
+                             fix="set model.train_context_encoder=true or drop the callback")
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
@@ -115,14 +119,16 @@ class IndexRefresh(pl.Callback):
         encoder = model.context_encoder
         was_training = encoder.training
         if self.split_across_ranks or trainer.is_global_zero:
-            embed = make_embed_fn(encoder, model.context_tokenizer, max_length=model.max_passage_length, device=pl_module.device)
+            embed = make_embed_fn(encoder, model.context_tokenizer, max_length=model.max_passage_length,
+                                  device=pl_module.device)
             encode_corpus(store, embed, step_dir / "encoding", batch_size=self.batch_size, rank=rank, world_size=world,
                           encoder_name=f"context encoder at step {step}", progress=trainer.is_global_zero)
         encoder.train(was_training)  # make_embed_fn switched it to eval
         trainer.strategy.barrier("index_refresh_encoded")
         if trainer.is_global_zero:
             vectors = load_shards(step_dir / "encoding")  # (N, D)
-            index = DenseIndex.build(vectors, factory=self.factory, passages=store, encoder=f"step {step}", progress=False)
+            index = DenseIndex.build(vectors, factory=self.factory, passages=store, encoder=f"step {step}",
+                                     progress=False)
             index.save(step_dir / "index")
             shutil.rmtree(step_dir / "encoding", ignore_errors=True)
         trainer.strategy.barrier("index_refresh_built")

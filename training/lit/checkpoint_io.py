@@ -34,7 +34,8 @@ def safe_torch_load(path: str | Path, map_location: Any = "cpu") -> Any:
         raise InputError("checkpoint not found", path=path, fix="check ckpt_path (or use ckpt_path=last)") from None
     except (RuntimeError, EOFError, ValueError, pickle.UnpicklingError) as err:
         raise InputError(f"cannot read the checkpoint ({str(err).splitlines()[0]})", path=path,
-                         fix="pass a checkpoint written by rag-train; a truncated file comes from another writer") from err
+                         fix="pass a checkpoint written by rag-train; "
+                         "a truncated file comes from another writer") from err
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):

@@ -60,7 +60,8 @@ class DprLitModule(pl.LightningModule):
         encode_batch_size: int = 256,
     ) -> None:
         super().__init__()
-        self.question_encoder, self.question_tokenizer = load_encoder(question_encoder, role="question", pooling=pooling)
+        self.question_encoder, self.question_tokenizer = load_encoder(
+            question_encoder, role="question", pooling=pooling)
         self.context_encoder, self.context_tokenizer = load_encoder(context_encoder, role="context", pooling=pooling)
         self.context_encoder_path, self.share_encoders = str(context_encoder), share_encoders
         if share_encoders:
@@ -86,7 +87,8 @@ class DprLitModule(pl.LightningModule):
         # With shared encoders the context group is empty (param_groups counts each parameter once).
         groups = param_groups({"question_encoder": (self.question_encoder, self.lr),
                                "context_encoder": (self.context_encoder, self.lr)}, weight_decay=self.weight_decay)
-        return configure_optimizer(groups, self.optimizer_factory, total_steps=int(self.trainer.estimated_stepping_batches),
+        return configure_optimizer(groups, self.optimizer_factory,
+                                   total_steps=int(self.trainer.estimated_stepping_batches),
                                    **self.schedule)
 
     # ---- encoding ---------------------------------------------------------------------------
@@ -109,7 +111,8 @@ class DprLitModule(pl.LightningModule):
         gathered = self.all_gather(tensor, sync_grads=tensor.requires_grad)  # (W, n, ...)
         return gathered.reshape(-1, *tensor.shape[1:])  # (W*n, ...)
 
-    def contrastive_loss(self, q: Tensor, p: Tensor, keys: Tensor, positive_keys: Tensor, offset: int) -> tuple[Tensor, Tensor]:
+    def contrastive_loss(self, q: Tensor, p: Tensor, keys: Tensor, positive_keys: Tensor,
+                         offset: int) -> tuple[Tensor, Tensor]:
         """Mean NLL of each question's positive (column ``offset + i``) and the in-batch accuracy.
 
         q (B, D), p (P, D), keys (P,), positive_keys (B,). Other columns holding the same
@@ -161,7 +164,8 @@ class DprLitModule(pl.LightningModule):
         """Search the dev corpus; log ``val/recall@k`` (summed over ranks) for each k."""
         corpus = getattr(self.trainer.datamodule, "corpus", [])
         if not corpus:
-            raise InputError("no dev corpus to search", setting="data.dev_file", fix="give a DPR dev file (or passages_file)")
+            raise InputError("no dev corpus to search", setting="data.dev_file",
+                             fix="give a DPR dev file (or passages_file)")
         vectors = self.encode_corpus(corpus)  # (N, D)
         keys = torch.tensor([passage_key(p) for p in corpus], device=vectors.device)  # (N,)
         ks = [k for k in self.recall_ks if k <= len(corpus)]
@@ -172,7 +176,8 @@ class DprLitModule(pl.LightningModule):
             for row, gold in enumerate(self._dev_gold):
                 found = torch.isin(keys[top[row]], torch.tensor(gold, device=keys.device))  # (kmax,)
                 first = int(found.nonzero()[0]) if found.any() else None
-                hits[:-1] += torch.tensor([first is not None and first < k for k in ks], dtype=torch.float64, device=self.device)
+                hits[:-1] += torch.tensor([first is not None and first < k for k in ks], dtype=torch.float64,
+                                          device=self.device)
             hits[-1] = len(self._dev_gold)
         hits = self.trainer.strategy.reduce(hits, reduce_op="sum")
         for k, value in zip(ks, hits[:-1].tolist()):
@@ -181,7 +186,7 @@ class DprLitModule(pl.LightningModule):
 
     # ---- export -------------------------------------------------------------------------------
     def export_pretrained(self, out_dir: str | Path) -> Path:
-        """Write ``question_encoder/`` and ``context_encoder/`` (each with its tokenizer), atomically as one directory."""
+        """Write ``question_encoder/`` and ``context_encoder/`` (each with its tokenizer); one atomic directory."""
         context = self.context_encoder
         if self.share_encoders:
             # Saved as the context-encoder class (its own weight names), holding the shared weights.

@@ -27,14 +27,17 @@ def param_groups(components: dict[str, tuple[nn.Module, float]], *, weight_decay
     seen: set[int] = set()
     for name, (module, lr) in components.items():
         if lr <= 0:
-            raise InputError(f"lr={lr} for {name}", setting=f"module.lr_{name}", fix="use a positive lr, or freeze the component instead")
+            raise InputError(f"lr={lr} for {name}", setting=f"module.lr_{name}",
+                             fix="use a positive lr, or freeze the component instead")
         params = [p for p in module.parameters() if p.requires_grad and id(p) not in seen]
         seen.update(id(p) for p in params)  # tied weights (BART's lm_head) belong to one group only
         if not params:
             continue
         if weight_decay > 0:
-            groups.append({"name": name, "params": [p for p in params if p.ndim >= 2], "lr": lr, "weight_decay": weight_decay})
-            groups.append({"name": f"{name}/no_decay", "params": [p for p in params if p.ndim < 2], "lr": lr, "weight_decay": 0.0})
+            groups.append({"name": name, "params": [p for p in params if p.ndim >= 2], "lr": lr,
+                           "weight_decay": weight_decay})
+            groups.append({"name": f"{name}/no_decay", "params": [p for p in params if p.ndim < 2], "lr": lr,
+                           "weight_decay": 0.0})
         else:
             groups.append({"name": name, "params": params, "lr": lr, "weight_decay": 0.0})
     groups = [g for g in groups if g["params"]]
@@ -55,7 +58,9 @@ def configure_optimizer(
 ) -> dict[str, Any]:
     """What ``configure_optimizers`` returns: the optimizer and a per-step lr schedule."""
     if schedule not in SCHEDULES:
-        raise InputError(f"unknown schedule {schedule!r}", setting="module.schedule", fix=f"use one of {sorted(SCHEDULES)}")
+        raise InputError(f"unknown schedule {schedule!r}", setting="module.schedule",
+                         fix=f"use one of {sorted(SCHEDULES)}")
     opt = optimizer(list(groups))
-    scheduler = SCHEDULES[schedule](opt, warmup_steps=warmup_steps, total_steps=total_steps, final_factor=final_lr_factor)
+    scheduler = SCHEDULES[schedule](opt, warmup_steps=warmup_steps, total_steps=total_steps,
+                                    final_factor=final_lr_factor)
     return {"optimizer": opt, "lr_scheduler": {"scheduler": scheduler, "interval": "step", "frequency": 1}}

@@ -112,7 +112,8 @@ class ResumeCallback(pl.Callback):
         self._consumed_batches = state_dict["consumed_batches"]
         if self._datamodule is None or not hasattr(self._datamodule, "resume_at"):
             raise InputError("exact resume needs a datamodule with resume_at(epoch, consumed_batches)",
-                             setting="data._target_", fix="use training.data.qa_datamodule.QADataModule or DprDataModule")
+                             setting="data._target_",
+                             fix="use training.data.qa_datamodule.QADataModule or DprDataModule")
         self._datamodule.resume_at(self._epoch, self._consumed_batches)
         states = state_dict["rng"]
         # A resume on another world size cannot be exact; each rank then takes rank 0's streams.

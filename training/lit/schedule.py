@@ -82,7 +82,8 @@ def parse_refresh_schedule(text: str) -> tuple[RefreshRange, ...]:
                              setting="callbacks.index_refresh.schedule", fix=fix)
         if ranges and parsed.start < ranges[-1].end:
             raise InputError(f"range {piece!r} overlaps the one before it",
-                             setting="callbacks.index_refresh.schedule", fix="list ranges in increasing, disjoint order")
+                             setting="callbacks.index_refresh.schedule",
+                             fix="list ranges in increasing, disjoint order")
         ranges.append(parsed)
     return tuple(ranges)
 

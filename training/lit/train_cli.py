@@ -54,13 +54,15 @@ def _checkpoints(trainer: pl.Trainer) -> tuple[Path | None, Path | None]:
 
 def _scalars(metrics: dict[str, Any]) -> dict[str, float]:
     """Plain floats of the train/, val/, test/ and perf/ metrics (the learning rates live in the logs)."""
-    return {key: float(value) for key, value in metrics.items() if key.split("/")[0] in ("train", "val", "test", "perf")}
+    return {key: float(value) for key,
+            value in metrics.items() if key.split("/")[0] in ("train", "val", "test", "perf")}
 
 
 def _check(cfg: DictConfig) -> Path:
     """The run directory; InputError for settings that cannot work."""
     if cfg.paths.run_dir is None:
-        raise InputError("no run directory", setting="paths.run_dir", fix="pass paths.run_dir=DIR (rag-train sets it to Hydra's run dir)")
+        raise InputError("no run directory", setting="paths.run_dir",
+                         fix="pass paths.run_dir=DIR (rag-train sets it to Hydra's run dir)")
     if cfg.export not in EXPORTS:
         raise InputError(f"export={cfg.export!r}", setting="export", fix=f"use one of {EXPORTS}")
     return Path(cfg.paths.run_dir)
@@ -86,7 +88,8 @@ def train(cfg: DictConfig, *, extra_callbacks: list[pl.Callback] | None = None) 
     best, last = _checkpoints(trainer)
     if cfg.export == "best":
         if best is None or not best.is_file():
-            raise InputError("no best checkpoint was written (did validation run?)", setting="export", fix="use export=last")
+            raise InputError("no best checkpoint was written (did validation run?)", setting="export",
+                             fix="use export=last")
         module.load_state_dict(safe_torch_load(best)["state_dict"])
     if cfg.test and _has_test_data(datamodule):
         for results in trainer.test(module, datamodule=datamodule, verbose=False, weights_only=True):
