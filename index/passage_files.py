@@ -1,4 +1,4 @@
-"""Passage files on disk: read DPR's ``psgs_w100.tsv`` and JSONL, write both atomically.
+"""Passage files on disk: read DPR's ``psgs_w100.tsv`` and JSONL, write the TSV atomically.
 
 Readers stream one line at a time (the Wikipedia corpus has 21M passages) and
 raise :class:`InputError` naming the file and line of anything malformed.
@@ -186,19 +186,5 @@ def write_passages_tsv(passages: Iterable[Passage], path: str | Path) -> int:
                 raise InputError(f"passage number {count + 1} has an empty id", path=path,
                                  fix="Give every passage a unique id")
             out.write(f"{_quote(passage.id)}\t{_quote(passage.text)}\t{_quote(passage.title)}\n")
-            count += 1
-    return count
-
-
-def write_passages_jsonl(passages: Iterable[Passage], path: str | Path) -> int:
-    """Write one ``{"id", "title", "text"}`` object a line, atomically; returns the count."""
-    count = 0
-    with atomic_text_writer(path) as out:
-        for passage in passages:
-            if not passage.id.strip():
-                raise InputError(f"passage number {count + 1} has an empty id", path=path,
-                                 fix="Give every passage a unique id")
-            record = {"id": passage.id, "title": passage.title, "text": passage.text}
-            out.write(json.dumps(record, ensure_ascii=False) + "\n")
             count += 1
     return count

@@ -7,7 +7,7 @@ both, and validation and evaluation search the same way.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 from index.retrieval import Retriever
 from index.torch_index import DEFAULT_CHUNK
@@ -57,7 +57,3 @@ class IndexSettings:
             ef_search=self.ef_search, chunk_size=self.chunk_size, train_sample=self.train_sample, mmap=self.mmap,
             refine=self.refine, passages=self.passages,
         )
-
-    def with_path(self, path: str | None) -> "IndexSettings":
-        """The same settings for another index directory (an index swap)."""
-        return replace(self, path=path)

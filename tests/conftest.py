@@ -6,7 +6,10 @@ on them; tests write their own outputs under their own ``tmp_path``.
 """
 from __future__ import annotations
 
+import gzip
+import json
 import os
+from collections.abc import Iterable
 from pathlib import Path
 
 # Before transformers / datasets are imported anywhere: no hub look-ups, ever.
@@ -29,6 +32,17 @@ torch.set_num_threads(1)
 # Real data lives beside a development checkout, never inside the project.
 SHARED_DIR = REPO_ROOT.parent / "shared"
 NQ_DEV = SHARED_DIR / "data" / "nq_open" / "NQ-open.dev.jsonl"
+
+
+def write_passages_jsonl(passages: Iterable, path: Path) -> int:
+    """Write a passages JSONL file (gzipped for .gz), one ``{"id", "title", "text"}`` a line; returns the count.
+
+    The format `index.passage_files.iter_passages` reads; the library writes TSV only.
+    """
+    lines = [json.dumps({"id": p.id, "title": p.title, "text": p.text}, ensure_ascii=False) for p in passages]
+    data = "".join(line + "\n" for line in lines).encode("utf-8")
+    path.write_bytes(gzip.compress(data, mtime=0) if path.name.endswith(".gz") else data)
+    return len(lines)
 
 
 def require_nq_dev() -> Path:

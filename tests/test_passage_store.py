@@ -6,8 +6,9 @@ import json
 import numpy as np
 import pytest
 
+from conftest import write_passages_jsonl
 from index import passages as passages_module
-from index.passage_files import Passage, write_passages_jsonl, write_passages_tsv
+from index.passage_files import Passage, write_passages_tsv
 from index.passages import PassageStore
 from rag_models.errors import InputError
 
