@@ -55,7 +55,7 @@ def load_rag_model(model_dir: str | Path, **overrides: Any) -> RagModel:
     config_path = model_dir / CONFIG_NAME
     if not config_path.is_file():
         raise InputError(f"no {CONFIG_NAME} here: not a saved RagModel", path=model_dir,
-                         fix="pass a directory written by RagModel.save_pretrained")
+                         fix="pass a directory written by save_rag_model (rag-train's <run_dir>/model)")
     try:
         settings = json.loads(config_path.read_text())
     except json.JSONDecodeError as err:
