@@ -33,7 +33,32 @@ NEG = -1.0e9  # transformers' "impossible" score; kept identical so ties break t
 
 @dataclass(frozen=True)
 class SearchSettings:
-    """How to search, and the generator's special token ids (see `search_settings`)."""
+    """How to search, and the generator's special token ids (see `search_settings`).
+
+    Token counts include the decoder start token. Defaults for the ids are BART's (start = eos = 2, pad = 1);
+    `search_settings` reads the real ones from the generator's config.
+
+    Fields:
+        num_beams: W, beams per search, >= 1; 1 runs greedy search.
+        max_length: T, the most tokens per hypothesis, decoder start included, >= 2.
+        min_length: EOS is forbidden while a hypothesis has fewer tokens (start included), 0..max_length.
+        num_return_sequences: R, hypotheses returned per search, best first, 1..num_beams.
+        length_penalty: beam search ranks finished hypotheses by sum of log-probs / generated_length**penalty
+            (generated_length excludes the start token); > 0 favours longer ones. Greedy ignores it.
+        early_stopping: beam search only, as transformers: True stops a search once it has W finished
+            hypotheses; False stops it when its best running beam, at its current length, cannot beat its
+            worst finished one; "never" assumes that beam could still grow to max_length (if length_penalty > 0).
+        decoder_start_token_id: the first token of every hypothesis (fed to the decoder, never scored).
+        eos_token_ids: ids any of which ends a hypothesis.
+        pad_token_id: fills a hypothesis after its end.
+        bos_token_id: not used by the search; lets scorers recognize a BOS shared by all hypotheses (None: none).
+        forced_bos_token_id: if set, the only token allowed right after the decoder start (transformers'
+            ForcedBOS); its true log-prob is still recorded.
+        forced_eos_token_id: if set, the only token allowed at the last position (max_length - 1).
+
+    Raises InputError (in ``__post_init__``) for num_beams < 1, num_return_sequences outside 1..num_beams,
+    max_length < 2, min_length outside 0..max_length, or early_stopping not True, False or "never".
+    """
 
     num_beams: int = 1
     max_length: int = 20  # tokens per hypothesis, the decoder start token included

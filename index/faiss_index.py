@@ -33,7 +33,22 @@ _FACTORY_FIX = "Use a faiss factory string such as Flat, HNSW32 or IVF4096,PQ64"
 
 
 class DenseIndex:
-    """A faiss inner-product index over (N, D) passage vectors, plus the vectors themselves."""
+    """A faiss inner-product index over (N, D) passage vectors, plus the vectors themselves.
+
+    Usually made by `build` or `load`, which check their inputs; the constructor only assembles the parts
+    and raises nothing. Search knobs (``refine``, nprobe, ef_search) start at their defaults: see
+    `set_search_params`.
+
+    Args:
+        index: the faiss index over the N vectors (inner-product metric); with custom ``ids`` an IDMap2
+            index holding exactly those ids.
+        vectors: (N, D) float32 exact passage vectors, usually a read-only memmap of ``vectors.npy``; row i
+            belongs to the i-th id. `vectors(ids)` reads them, so PQ / HNSW never approximate q . d.
+        manifest: what the index is (D, N, factory, passage checksum); ``dim`` and ``count`` must match
+            ``vectors``.
+        ids: (N,) int64 distinct non-negative ids of the rows, as added to ``index``; None: the rows 0..N-1.
+        passages: the `PassageStore` the ids point into, or None (no texts; `Retriever` refuses it).
+    """
 
     def __init__(self, index: faiss.Index, vectors: np.ndarray, manifest: IndexManifest, *,
                  ids: np.ndarray | None = None, passages: object = None) -> None:

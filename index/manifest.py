@@ -34,7 +34,22 @@ IDS_NAME = "ids.npy"
 
 @dataclass
 class IndexManifest:
-    """What an index directory contains, and what it was built from."""
+    """What an index directory contains, and what it was built from (saved as ``manifest.json``).
+
+    Fields:
+        dim: D, the dimension of every passage vector (queries must match it).
+        count: N, the number of indexed passages (rows of ``vectors.npy``).
+        factory: the faiss factory string the index was built with (e.g. "Flat", "HNSW32", "IVF4096,PQ64"),
+            or "exact" for the torch index, which has no ``index.faiss``.
+        encoder: name or path of the context encoder that made the vectors (None: unknown); informational.
+        passages_checksum: `PassageStore.checksum` of the store the rows point into; loading refuses a store
+            with another checksum (None: no check).
+        passages_path: that store's directory, relative to the index directory (None: no store recorded).
+        dtype: numpy dtype name of ``vectors.npy`` (always "float32" as written here); informational.
+        metric: the similarity searched, always "inner_product"; informational.
+        format_version: the on-disk format version; `load` refuses versions newer than `FORMAT_VERSION`.
+        created: local build time, ISO 8601 with UTC offset (``%Y-%m-%dT%H:%M:%S%z``); default: now.
+    """
 
     dim: int
     count: int

@@ -74,7 +74,17 @@ def source_fingerprint(path: Path) -> dict:
 
 
 class PassageStore:
-    """Memory-mapped passages: ``get(row)``, ``titles(rows)``, ``texts(rows)``, ``row_of(id)``."""
+    """Memory-mapped passages: ``get(row)``, ``titles(rows)``, ``texts(rows)``, ``row_of(id)``.
+
+    Opening maps the files and reads only ``meta.json``: constant time and RAM whatever N.
+
+    Args:
+        directory: a store directory written by `build` / `from_passages` (``meta.json`` and the column
+            files); same as `open`.
+
+    Raises InputError when ``directory`` has no ``meta.json`` (not a store, or an unfinished build) or a
+    column's offsets disagree with the count in ``meta.json`` (the store was modified after its build).
+    """
 
     def __init__(self, directory: str | Path) -> None:
         self.directory = Path(directory)

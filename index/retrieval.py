@@ -69,11 +69,26 @@ _LOADERS: dict[str, Callable[..., SearchIndex]] = {"faiss": _load_faiss, "torch"
 
 
 class Retriever:
-    """Top-K retrieval for a batch of question vectors; hot-swappable index."""
+    """Top-K retrieval for a batch of question vectors; hot-swappable index.
+
+    Usually made by `from_dir`, which fills in ``loader``, ``expected_factory`` and ``directory``.
+
+    Args:
+        index: the opened index in service (DenseIndex, TorchIndex or ShardedIndex); it must carry its
+            passage store (``index.passages``), from which `retrieve` reads titles and texts.
+        loader: opens an index directory (resolved path -> index); used by `swap`, which it enables
+            (None: an in-memory index, `swap` refuses).
+        expected_factory: the faiss factory string the index (and every swapped-in one) must have been built
+            with, compared with its manifest's ``factory``; None: any.
+        directory: where ``index`` came from, only to name it in error messages (None: "<in-memory index>").
+
+    Raises InputError when the index has no passage store or was built with another factory than
+    ``expected_factory``.
+    """
 
     def __init__(self, index: SearchIndex, *, loader: Callable[[Path], SearchIndex] | None = None,
                  expected_factory: str | None = None, directory: Path | None = None) -> None:
-        """Wrap an opened index; ``loader`` (directory -> index) enables ``swap``."""
+        """Wrap an opened index (see the class docstring for the arguments)."""
         self._loader = loader
         self._expected_factory = expected_factory
         self._index = self._checked(index, directory or Path("<in-memory index>"))

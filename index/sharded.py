@@ -36,7 +36,23 @@ def slice_bounds(total: int, rank: int, world: int) -> tuple[int, int]:
 
 
 class ShardedIndex:
-    """Search over all ranks' slices; each rank gets the global top-k of its own queries."""
+    """Search over all ranks' slices; each rank gets the global top-k of its own queries.
+
+    Usually made by `from_dir` or `from_vectors`, which build this rank's slice; every rank constructs one.
+
+    Args:
+        local: this rank's index over its rows ``[start, start + n_r)`` with local ids 0..n_r-1 (a DenseIndex
+            or TorchIndex), or None when this rank owns no rows (more ranks than passages).
+        full_vectors: (N, D) float32 vectors of all passages, usually a memmap of ``vectors.npy``; `vectors`
+            reads them by global id without communication.
+        manifest: the whole index's manifest (N = ``count``, D = ``dim``), not the slice's.
+        start: the global row of this rank's first local row (local id i is global id ``start + i``).
+        passages: the `PassageStore` the global ids point into, or None (`Retriever` refuses it).
+        group: the torch.distributed process group to search over; None: the default (world) group.
+            Its backend picks where collectives run: CUDA for NCCL, CPU otherwise.
+
+    Raises InputError when torch.distributed is not available or not initialized.
+    """
 
     def __init__(self, local: DenseIndex | TorchIndex | None, full_vectors: np.ndarray, manifest: IndexManifest, *,
                  start: int, passages: object = None, group: dist.ProcessGroup | None = None) -> None:

@@ -45,7 +45,21 @@ def _read_only_tensor(block: np.ndarray) -> torch.Tensor:
 
 
 class TorchIndex:
-    """Brute-force top-k by inner product over (N, D) vectors, chunked over N."""
+    """Brute-force top-k by inner product over (N, D) vectors, chunked over N.
+
+    Args:
+        vectors: (N, D) float32 passage vectors, usually a read-only memmap of ``vectors.npy``; the ids are
+            the rows 0..N-1. Kept on the host for exact `vectors(ids)` (and, on a CPU, as the search source).
+        manifest: what the index is; its ``dim`` and ``count`` must match ``vectors``.
+        passages: the `PassageStore` the rows point into, or None (no texts; `Retriever` refuses it).
+        device: where the search runs; any non-CPU device gets a resident copy of all vectors, made here
+            chunk by chunk (N x D in ``dtype``: 32 GB for 21M x 768 in fp16).
+        dtype: the dtype of the scoring matmul (and of the resident copy); None: fp16 on CUDA, fp32
+            elsewhere (`default_dtype`). Scores are returned as float32 either way.
+        chunk_size: corpus rows scored per matmul (a (B, chunk_size) score block at a time), >= 1.
+
+    Raises InputError for a chunk_size below 1.
+    """
 
     def __init__(self, vectors: np.ndarray, manifest: IndexManifest, *, passages: object = None,
                  device: str | torch.device = "cpu", dtype: torch.dtype | None = None,

@@ -96,7 +96,25 @@ INPUT_FORMATS: dict[str, Callable[..., tuple[Tensor, Tensor]]] = {
 
 
 class Generator(nn.Module):
-    """A transformers seq2seq model with RAG input formatting and BART target conventions."""
+    """A transformers seq2seq model with RAG input formatting and BART target conventions.
+
+    Args:
+        model: the seq2seq model (e.g. BartForConditionalGeneration); its config must define
+            ``decoder_start_token_id``. Its ``config.prefix`` (T5's task prefix), if any, goes before each question.
+        tokenizer: the model's tokenizer; it must add special tokens around a text ([bos] ... [eos] for BART),
+            and its ``pad_token_id`` pads inputs and targets.
+        max_source_length: L, the most tokens of one (question, doc) generator input, special tokens
+            included; at most the model's ``max_position_embeddings``. "question_first" truncates only the
+            passage to fit; "transformers" truncates the whole string and pads every row to exactly L.
+        max_target_length: T, the most tokens of one answer target (special tokens included); longer
+            answers are truncated by `prepare_targets`.
+        input_format: how a question and a doc become one input, a key of `INPUT_FORMATS`:
+            "question_first" (``question // title / text``) or "transformers" (``title / text // question``,
+            token for token transformers' RagRetriever, for parity).
+
+    Raises InputError for an unknown ``input_format``, a ``max_source_length`` above the model's positions,
+    a config without ``decoder_start_token_id``, or a tokenizer whose special tokens cannot be located.
+    """
 
     def __init__(
         self,

@@ -62,7 +62,33 @@ def _first_docs(rows: Tensor, batch: int, k_total: int, k: int) -> Tensor:
 
 
 class RagModel(nn.Module):
-    """RAG-Sequence or RAG-Token over a dense retriever and a seq2seq generator."""
+    """RAG-Sequence or RAG-Token over a dense retriever and a seq2seq generator.
+
+    Args:
+        question_encoder: maps question tokens (B, Lq) to q (B, D); trained through ``q . d`` (B, K).
+        question_tokenizer: the question encoder's tokenizer (`tokenize_questions`).
+        generator: the seq2seq `Generator` that reads each (question, doc) pair and gives (B*K, T, V) logits.
+        context_encoder: maps passage tokens (B*K, Lp) to d (B*K, D); None: only the index's stored
+            vectors are used. Frozen here unless ``train_context_encoder``.
+        context_tokenizer: the context encoder's tokenizer (`tokenize_docs`); needed with ``train_context_encoder``.
+        marginalization: "sequence" (RAG-Sequence) or "token" (RAG-Token), a key of `MARGINALIZATIONS`.
+        n_docs: K, the docs marginalized over per question (>= 1); `forward` may lower it per call, up to
+            the docs retrieved.
+        label_smoothing: eps of transformers' RAG label smoothing, in [0, 1); 0 = plain NLL. Only the
+            training ``loss`` is smoothed, never ``nll``.
+        exclude_bos_score: drop the log-prob of predicting the target's leading BOS (target position 0)
+            from the NLL, as transformers' RAG-Sequence option; needs a generator whose targets start with BOS.
+        train_context_encoder: end to end: re-encode the retrieved passages with the context encoder (with
+            gradient) instead of using the index's stored vectors (the index then goes stale).
+        max_question_length: Lq, question tokens kept (truncation), at most the question encoder's positions.
+        max_passage_length: Lp, passage tokens kept when re-encoding passages; at most the context encoder's
+            positions (checked only when there is a context encoder).
+        loss_reduction: "mean" or "sum" of the per-question losses (B,) into ``loss`` (), a key of `REDUCTIONS`.
+
+    Raises InputError for an unknown marginalization or loss_reduction, n_docs < 1, label_smoothing outside
+    [0, 1), exclude_bos_score with a generator without BOS, a max length above its encoder's positions,
+    or train_context_encoder without a context encoder and tokenizer.
+    """
 
     def __init__(
         self,

@@ -52,7 +52,18 @@ POOLINGS: dict[str, Callable[..., Tensor]] = {"pooler": _pool_pooler, "cls": _po
 
 
 class DenseEncoder(nn.Module):
-    """A transformers encoder that maps token ids to one (B, D) vector per text."""
+    """A transformers encoder that maps token ids to one (B, D) vector per text.
+
+    Args:
+        model: the transformers encoder (a DPR question / context encoder, BERT, ...); D is its
+            ``projection_dim`` when positive, else its ``hidden_size``. The pooling name is written into
+            its config (``rag_pooling``) so that a saved encoder reloads with the same pooling.
+        pooling: how token states become one vector, a key of `POOLINGS`: "pooler" (the model's own pooled
+            output: DPR's CLS, BERT's tanh pooler), "cls" (first token's last-layer state) or "mean" (mean
+            of the last-layer states over non-pad tokens). "auto" is resolved by `load_encoder`, not here.
+
+    Raises InputError for an unknown pooling.
+    """
 
     def __init__(self, model: PreTrainedModel, *, pooling: str = "pooler") -> None:
         super().__init__()

@@ -22,7 +22,17 @@ from rag_models.tokenization import dpr_tokenizers, train_bart_tokenizer, train_
 
 @dataclass(frozen=True)
 class TinyDprSize:
-    """Sizes of the tiny BERT inside each DPR encoder (defaults: the demo's)."""
+    """Sizes of the tiny BERT inside each DPR encoder (defaults: the demo's).
+
+    Fields:
+        hidden_size: D, the width of every layer and of the output vectors (no projection).
+        num_layers: transformer layers.
+        num_heads: attention heads per layer (must divide ``hidden_size``).
+        intermediate_size: width of each layer's feed-forward block.
+        max_positions: the most tokens an encoder input may have (its position embeddings).
+        vocab_size: the WordPiece vocabulary size to train for; the model takes the trained tokenizer's
+            actual size, which may differ (a tiny corpus runs out of merges).
+    """
 
     hidden_size: int = 64
     num_layers: int = 2
@@ -39,6 +49,18 @@ class TinyBartSize:
     init_std 0.06 rather than BART's 0.02: measured on the demo world, a tiny BART
     with 0.02 collapses to one constant answer; with 0.06 it learns to copy.
     dropout is BART's 0.1 here; the demo turns it off (training/demo/stages.py says why).
+
+    Fields:
+        d_model: the model width (embeddings and every layer).
+        layers: encoder layers, and as many decoder layers.
+        heads: attention heads per layer, encoder and decoder (must divide ``d_model``).
+        ffn_dim: width of each layer's feed-forward block.
+        max_positions: the most tokens of a source or target (position embeddings); the generator's
+            ``max_source_length`` may not exceed it (checked), nor should its ``max_target_length``.
+        vocab_size: the byte-level BPE vocabulary size to train for; V, the model's vocabulary, is the
+            trained tokenizer's actual size, which may differ.
+        init_std: standard deviation of the random weight initialization.
+        dropout: dropout probability of BART's layers.
     """
 
     d_model: int = 128
@@ -53,7 +75,13 @@ class TinyBartSize:
 
 @dataclass(frozen=True)
 class CheckpointPaths:
-    """Where `save_tiny_checkpoints` wrote each model (with its tokenizer)."""
+    """Where `save_tiny_checkpoints` wrote each model (with its tokenizer).
+
+    Fields:
+        question_encoder: ``out_dir/question_encoder``, the DPR question encoder checkpoint directory.
+        context_encoder: ``out_dir/context_encoder``, the DPR context encoder checkpoint directory.
+        generator: ``out_dir/generator``, the BART generator checkpoint directory.
+    """
 
     question_encoder: Path
     context_encoder: Path

@@ -34,7 +34,13 @@ def passage_key(passage: Passage) -> int:
 
 
 class DprTrainSet(Dataset):
-    """Training examples; each item is one question with its first positive and H hard negatives."""
+    """Training examples; each item is one question with its first positive and H hard negatives.
+
+    Args:
+        examples: DPR examples, each with at least one positive passage (only the first is used).
+        hard_negatives: H, the most hard negatives an item carries (its first H; fewer when the example has
+            fewer, and `collate_dpr` fills the gap).
+    """
 
     def __init__(self, examples: list[DprExample], hard_negatives: int) -> None:
         self.examples = examples
@@ -71,7 +77,11 @@ def collate_dpr(items: list[dict[str, Any]], hard_negatives: int) -> dict[str, A
 
 
 class DevQuestions(Dataset):
-    """Dev questions with the keys of their gold passages (positions past the end wrap, marked not real)."""
+    """Dev questions with the keys of their gold passages (positions past the end wrap, marked not real).
+
+    Args:
+        examples: the dev DPR examples; every positive of an example counts as a gold passage.
+    """
 
     def __init__(self, examples: list[DprExample]) -> None:
         self.examples = examples
@@ -92,7 +102,30 @@ def collate_dev(items: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 class DprDataModule(pl.LightningDataModule):
-    """DPR training / dev files (DPR's JSON or JSONL format) and the corpus searched for dev recall@k."""
+    """DPR training / dev files (DPR's JSON or JSONL format) and the corpus searched for dev recall@k.
+
+    Args:
+        train_file: DPR training data: one JSON array (``.json``) or one object a line (``.jsonl``), either
+            optionally gzipped; examples without a positive passage are dropped.
+        dev_file: dev examples in the same format; None: no validation (and no ``val/recall@k``).
+        passages_file: the corpus dev questions are searched in (``.tsv`` or ``.jsonl`` passages, all encoded
+            at every validation: small corpora only); None: the dev examples' positives, hard and random
+            negatives, pooled without repeats (what DPR's own validation ranks against).
+        batch_size: B, training questions per device per step; each brings its positive and H hard
+            negatives, so a step encodes B + B*H passages per device. Only full batches are used.
+        eval_batch_size: dev questions per device per validation batch.
+        hard_negatives: H, hard negatives per question (the file's first H ``hard_negative_ctxs``; an example
+            with fewer borrows other questions' positives); 0: in-batch negatives only.
+        max_train_examples: keep the first N training examples (after dropping those without a positive);
+            None: all.
+        max_dev_examples: keep the first N dev examples (they also make the pooled corpus); None: all.
+        num_workers: DataLoader worker processes per device for training batches; dev batches load in the
+            main process.
+        seed: epoch e's shuffle is drawn from ``seed + e`` (the same on every rank).
+
+    Raises InputError for ``hard_negatives < 0`` or ``batch_size < 1``; ``setup`` raises it for a malformed
+    file or a training file without any positive passage.
+    """
 
     def __init__(self, *, train_file: str, dev_file: str | None = None, passages_file: str | None = None,
                  batch_size: int = 16, eval_batch_size: int = 128, hard_negatives: int = 1,

@@ -36,7 +36,12 @@ ANSWER_CHOICES: dict[str, Callable[[QAExample], list[tuple[str, str]]]] = {"firs
 
 
 class TrainPairs(Dataset):
-    """(question, target answer, all answers) triples for training."""
+    """(question, target answer, all answers) triples for training.
+
+    Args:
+        examples: the training questions, each with its accepted answers.
+        choose: turns one example into its (question, target) pairs (a value of ``ANSWER_CHOICES``).
+    """
 
     def __init__(self, examples: list[QAExample], choose: Callable[[QAExample], list[tuple[str, str]]]) -> None:
         self.items = [(q, target, list(ex.answers)) for ex in examples for q, target in choose(ex)]
@@ -50,7 +55,11 @@ class TrainPairs(Dataset):
 
 
 class EvalExamples(Dataset):
-    """Evaluation questions; positions past the end wrap around and are marked not real."""
+    """Evaluation questions; positions past the end wrap around and are marked not real.
+
+    Args:
+        examples: the val or test questions; each is scored against all its answers (its first is the target).
+    """
 
     def __init__(self, examples: list[QAExample]) -> None:
         self.examples = examples
@@ -85,7 +94,33 @@ def _load(path: str | None, split: str, limit: int | None, setting: str) -> list
 
 
 class QADataModule(pl.LightningDataModule):
-    """NQ-Open / TriviaQA / demo questions for RAG training, validation and test."""
+    """NQ-Open / TriviaQA / demo questions for RAG training, validation and test.
+
+    Args:
+        train_file: the training questions: NQ-Open ``.jsonl`` (or ``.jsonl.gz``), DPR ``.csv`` / ``.tsv``, a
+            ``.source`` / ``.target`` pair (either file, their prefix, or a directory), or ``hf:name[:config]``.
+            None only when not fitting.
+        val_file, test_file: the validation and test questions, in the same formats; None: no validation /
+            no test (rag-train then skips its test).
+        batch_size: training pairs per device per step (with ``answers="each"`` a question with several
+            answers is several pairs).
+        eval_batch_size: val / test questions per device per batch.
+        answers: how a question with several accepted answers becomes training pairs: "first" (one pair, its
+            first listed answer the target) or "each" (one pair per distinct answer, RAG's NQ recipe). Val and
+            test always score against all the answers.
+        max_train_examples, max_val_examples, max_test_examples: keep the first N questions of each file
+            (file order, before ``answers="each"`` expands them); None: all.
+        train_split, val_split, test_split: the split read from an ``hf:`` source, or ``{split}.source`` in a
+            directory (a "validation" split also finds ``val.source`` and ``dev.source``); unused otherwise.
+        num_workers: DataLoader worker processes per device (kept alive across epochs when > 0); 0: the main
+            process loads the batches.
+        seed: epoch e's shuffle is drawn from ``seed + e`` (the same on every rank).
+        drop_last: cut each epoch's order to a multiple of the world size W instead of wrapping around to
+            pad it (at most W - 1 training pairs left out); a rank's last, partial batch is still trained on.
+
+    Raises InputError for an unknown ``answers`` or a batch size below 1; ``setup`` raises it for a malformed
+    or empty question file, and when fitting without training questions.
+    """
 
     def __init__(
         self,

@@ -26,8 +26,12 @@ SPLIT_FILE_NAMES = {"validation": ("validation", "val", "dev"), "train": ("train
 class QAExample:
     """One question with its accepted answers.
 
-    ``positive_ids`` are the gold passage ids when the file knows them (the demo world);
-    ``stale_answers`` are the answers before the world changed (the demo world's v2).
+    Fields:
+        question: the question text, stripped, non-empty.
+        answers: the accepted answers, at least one, each a non-empty string; the first is the training
+            target with ``data.answers=first`` and the target of val / test batches.
+        positive_ids: the gold passage ids when the file knows them (the demo world); () otherwise.
+        stale_answers: the answers before the world changed (the demo world's v2); () otherwise.
     """
 
     question: str
@@ -38,7 +42,16 @@ class QAExample:
 
 @dataclass(frozen=True)
 class DprExample:
-    """One retriever-training example of DPR's format: positives, hard negatives, random negatives."""
+    """One retriever-training example of DPR's format: positives, hard negatives, random negatives.
+
+    Fields:
+        question: the question text, stripped, non-empty.
+        answers: the file's answers (may be empty: DPR training does not read them).
+        positives: the gold passages (``positive_ctxs``); `read_dpr_training` drops examples without one.
+        hard_negatives: passages that look relevant but do not answer (``hard_negative_ctxs``; DPR's are BM25
+            hits without the answer), in file order.
+        negatives: random negatives (``negative_ctxs``); only the pooled dev corpus uses them here.
+    """
 
     question: str
     answers: tuple[str, ...]

@@ -24,6 +24,17 @@ class ResumableSampler(Sampler[int]):
     exactly the examples one process with batch W*b sees. The order is padded by
     wrapping around (or cut, with ``drop_last``) to a multiple of W, so every rank has
     the same number of examples: DDP needs every rank to take the same number of steps.
+
+    Args:
+        num_examples: examples in the dataset (all ranks together), at least 1.
+        seed: epoch e's permutation is drawn from ``seed + e``.
+        shuffle: False keeps the dataset order (still padded or cut to a multiple of W).
+        rank: r, this process's rank, in [0, world_size).
+        world_size: W, the number of processes sharing the dataset.
+        drop_last: cut the order to a multiple of W (at most W - 1 examples left out) instead of wrapping
+            around to pad it.
+
+    Raises InputError for an empty dataset or a rank outside [0, world_size).
     """
 
     def __init__(self, num_examples: int, *, seed: int = 0, shuffle: bool = True, rank: int = 0,
@@ -78,7 +89,14 @@ class ResumableSampler(Sampler[int]):
 
 
 class EvalShardSampler(Sampler[int]):
-    """Positions r, r+W, ... of the examples padded to a multiple of W: equal batch counts on every rank."""
+    """Positions r, r+W, ... of the examples padded to a multiple of W: equal batch counts on every rank.
+
+    Args:
+        num_examples: evaluation examples (all ranks together); the dataset wraps the padding positions
+            past the end and marks them not real.
+        rank: r, this process's rank, in [0, world_size) (not checked).
+        world_size: W, the number of processes sharing the examples, at least 1 (not checked).
+    """
 
     def __init__(self, num_examples: int, *, rank: int = 0, world_size: int = 1) -> None:
         self.total = -(-num_examples // world_size) * world_size

@@ -37,7 +37,24 @@ _PLAIN_VALUE = re.compile(r"^[\w./\-]+$")
 
 @dataclass(frozen=True)
 class DemoPlan:
-    """How big the demo is: the world, the tiny models, and what every stage overrides."""
+    """How big the demo is: the world, the tiny models, and what every stage overrides.
+
+    Fields:
+        n_entities: towns in the world (one passage each), at least ``world.MIN_ENTITIES`` (100).
+        n_dev: towns held out for dev questions, >= 1.
+        n_test: towns held out for test questions, >= 1; ``n_dev + n_test`` must leave training towns.
+        change_fraction: the fraction of test towns whose facts change in v2, in (0, 1].
+        dpr_size: sizes of the tiny DPR question and context encoders (and of their WordPiece vocabulary).
+        bart_size: sizes of the tiny BART generator (and its tokenizer's vocabulary).
+        train_overrides: Hydra overrides added to every rag-train stage, DPR included.
+        rag_overrides: Hydra overrides added to the RAG and closed-book stages only.
+        eval_overrides: Hydra overrides added to every rag-eval stage.
+        index_max_length: tokens per passage when the demo builds its v1 and v2 indexes; keep it equal to the
+            tiny context encoder's ``max_passage_length`` (configs/retriever/tiny.yaml).
+        threads: torch CPU threads of the demo process and of each parallel training process.
+
+    The world stage checks the world's sizes (InputError from `write_world`); the plan itself does not.
+    """
 
     n_entities: int = 1200
     n_dev: int = 100
@@ -85,7 +102,13 @@ def override(key: str, value: object) -> str:
 
 @dataclass
 class Stopwatch:
-    """Seconds spent per stage, in the order the stages ran, and which stages an earlier run had finished."""
+    """Seconds spent per stage, in the order the stages ran, and which stages an earlier run had finished.
+
+    Fields:
+        seconds: stage name -> wall-clock seconds (rounded to 0.1 s), in run order; 0.0 for a reused stage.
+        resumed: names of the stages an earlier, killed run had finished (reused, not run again).
+        each: training run name -> seconds from the start of the parallel training stage to that run's end.
+    """
 
     seconds: dict[str, float] = field(default_factory=dict)
     resumed: list[str] = field(default_factory=list)
@@ -165,7 +188,12 @@ def train_stage(out: Path, experiment: str, run_name: str, plan: DemoPlan, seed:
 
 
 class StepFile(pl.Callback):
-    """Writes the global step to a small file, so that the demo can show the progress of a child process."""
+    """Writes the global step to a small file, so that the demo can show the progress of a child process.
+
+    Args:
+        path: the file that holds the latest global step (optimizer steps) as text, rewritten atomically.
+        every: write after a training batch when the global step is a multiple of this (optimizer steps), >= 1.
+    """
 
     def __init__(self, path: str, every: int = 5) -> None:
         self.path = Path(path)

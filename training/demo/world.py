@@ -37,7 +37,17 @@ MIN_ENTITIES = 100  # below this, pool values would no longer be shared by sever
 
 @dataclass(frozen=True)
 class Entity:
-    """A town: passage id, name, its facts, and how its passage is laid out (kept for re-rendering in v2)."""
+    """A town: passage id, name, its facts, and how its passage is laid out (kept for re-rendering in v2).
+
+    Fields:
+        id: the passage id, "1" to "N" in creation order.
+        name: one or two invented words; also the passage title.
+        facts: attribute -> value, for the 4 or 5 of ``ATTRIBUTES`` its passage renders.
+        layout: one (attribute, index into ``PASSAGE_TEMPLATES[attribute]``, subject is the name rather than
+            "the town") per fact, in passage order.
+        intro: index into ``INTROS``, the opening sentence.
+        flavour: index into ``FLAVOURS``, the fact-free sentence in the middle.
+    """
 
     id: str
     name: str
@@ -49,7 +59,13 @@ class Entity:
 
 @dataclass(frozen=True)
 class Question:
-    """One question about one attribute of one town (its text is the same in v1 and v2)."""
+    """One question about one attribute of one town (its text is the same in v1 and v2).
+
+    Fields:
+        entity: the town asked about; its passage is the gold passage.
+        attribute: the fact asked for, one of the town's ``facts`` keys.
+        text: the question, a ``QUESTION_TEMPLATES[attribute]`` template filled with the town's name.
+    """
 
     entity: Entity
     attribute: str
@@ -58,7 +74,16 @@ class Question:
 
 @dataclass
 class World:
-    """The whole world in memory: towns, their split, questions, and the v2 changes."""
+    """The whole world in memory: towns, their split, questions, and the v2 changes.
+
+    Fields:
+        seed: the seed every random stream of the world derives from.
+        entities: every town, in id order.
+        splits: "train" / "dev" / "test" -> disjoint lists of towns, each in id order.
+        questions: split -> one question per (town, fact) of that split's towns.
+        changes: entity id -> {attribute: new value}, for the changed test towns (1 or 2 facts each).
+        pools: attribute -> the values towns draw that fact from (each shared by many towns).
+    """
 
     seed: int
     entities: list[Entity]
@@ -70,7 +95,22 @@ class World:
 
 @dataclass(frozen=True)
 class WorldFiles:
-    """Paths written by :func:`write_world`."""
+    """Paths written by :func:`write_world`.
+
+    Fields:
+        root: the world directory.
+        v1_passages: ``v1/psgs_w100.tsv``, one passage per town (DPR's TSV format).
+        train: ``v1/train.jsonl``, NQ-Open questions about the training towns, with their ``passage_id``.
+        dev: ``v1/dev.jsonl``, the same for the dev towns.
+        test: ``v1/test.jsonl``, the same for the test towns (v1 answers).
+        dpr_train: ``v1/dpr_train.jsonl``, DPR training examples of the training questions, with hard negatives.
+        dpr_dev: ``v1/dpr_dev.jsonl``, the same for the dev questions.
+        v2_passages: ``v2/psgs_w100.tsv``, every passage re-rendered with the v2 facts.
+        v2_test: ``v2/test.jsonl``, all test questions with their v2 answers.
+        v2_changed_test: ``v2/changed_test.jsonl``, the test questions whose answer changed, with the old
+            one as ``stale_answer``.
+        summary: ``world.json``, the world's counts; written last, so it marks a complete world.
+    """
 
     root: Path
     v1_passages: Path

@@ -112,7 +112,11 @@ def _template_text() -> str:
 
 
 class NameMaker:
-    """Invents unique words such that none is a substring of another, of an export, or of a template."""
+    """Invents unique words such that none is a substring of another, of an export, or of a template.
+
+    Args:
+        rng: the random stream every syllable is drawn from (the world passes one seeded stream per concern).
+    """
 
     def __init__(self, rng: random.Random) -> None:
         """Start with the export words taken, so no name contains e.g. "salt"."""

@@ -32,7 +32,13 @@ def _markdown_cell(text: str) -> str:
 
 
 class SamplePredictions(pl.Callback):
-    """Logs ``n`` validation questions with prediction, references and retrieved titles (TensorBoard text)."""
+    """Logs ``n`` validation questions with prediction, references and retrieved titles (TensorBoard text).
+
+    Args:
+        n: questions shown after each validation (not the sanity check): the first n of the datamodule's
+            val split, decoded again on every rank. Does nothing for a module without ``predict_questions``
+            or a datamodule without ``splits`` (DPR pre-training).
+    """
 
     def __init__(self, *, n: int = 4) -> None:
         self.n = n
@@ -58,7 +64,15 @@ class SamplePredictions(pl.Callback):
 
 
 class Throughput(pl.Callback):
-    """Logs ``perf/questions_per_s`` and ``perf/tokens_per_s`` (all ranks) from the training step's counts."""
+    """Logs ``perf/questions_per_s`` and ``perf/tokens_per_s`` (all ranks) from the training step's counts.
+
+    A rate is this rank's count over its batch's seconds, times the world size. "Tokens" are what the
+    module reports as ``n_tokens``: generator input (question + doc) and target tokens for RAG, passage
+    characters for DPR.
+
+    Args:
+        skip_first: training batches (counted from the start of fit) not logged: they pay one-off costs.
+    """
 
     def __init__(self, *, skip_first: int = 1) -> None:
         self.skip_first = skip_first  # the first steps pay one-off costs (allocations, lazy init)
@@ -83,7 +97,25 @@ class Throughput(pl.Callback):
 
 
 class IndexRefresh(pl.Callback):
-    """Re-encode the corpus with the trained context encoder and swap the index, on a step schedule."""
+    """Re-encode the corpus with the trained context encoder and swap the index, on a step schedule.
+
+    Args:
+        schedule: when to refresh, in optimizer steps (``trainer.global_step``): comma-separated
+            ``start-end:every`` ranges, e.g. ``"0-1000:500,1000-10000:2000"``; "" never refreshes, and step 0
+            never does (the index is fresh).
+        out_dir: directory that receives ``step_XXXXXXXX/index`` at each refresh (and, until the index is
+            built, that step's encoding shards).
+        split_across_ranks: True: every rank encodes its share of the corpus shards; False: rank 0 encodes
+            them all while the others wait.
+        batch_size: passages per context-encoder forward pass while re-encoding (per rank).
+        factory: the faiss index-factory string of the rebuilt index ("Flat", "HNSW32", "IVF4096,PQ64"...);
+            it must match the module's ``index.factory`` (unless null), or the swap is refused.
+        keep: refreshed indexes kept on disk, the newest ones (rank 0 deletes older ``step_*`` directories);
+            0 or less keeps them all.
+
+    Raises InputError for a malformed ``schedule`` and, at fit start, when the module's model does not
+    train its context encoder.
+    """
 
     def __init__(self, *, schedule: str, out_dir: str, split_across_ranks: bool = True, batch_size: int = 64,
                  factory: str = "Flat", keep: int = 2) -> None:

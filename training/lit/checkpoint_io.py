@@ -39,7 +39,10 @@ def safe_torch_load(path: str | Path, map_location: Any = "cpu") -> Any:
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
-    """Lightning CheckpointIO: atomic local writes, ``weights_only=True`` reads."""
+    """Lightning CheckpointIO: atomic local writes, ``weights_only=True`` reads.
+
+    Takes no constructor arguments. Raises InputError when a checkpoint is missing or unreadable.
+    """
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path: str | Path, storage_options: Any = None) -> None:
         """Write ``checkpoint`` to ``path`` atomically."""

@@ -38,7 +38,36 @@ from training.lit.optim import configure_optimizer, param_groups
 
 
 class DprLitModule(pl.LightningModule):
-    """Trains a question encoder and a context encoder so that q . p ranks a question's gold passage first."""
+    """Trains a question encoder and a context encoder so that q . p ranks a question's gold passage first.
+
+    Args:
+        question_encoder: hub name or local directory of the question encoder (a DPR checkpoint or any
+            transformers encoder); configs/retriever/ fills it.
+        context_encoder: hub name or local directory of the context encoder. With ``share_encoders`` its
+            weights go unused: its tokenizer still reads the passages, and the export saves its class.
+        optimizer: a partial optimizer class (e.g. AdamW with eps) that takes the param groups.
+        pooling: how token states (B, L, H) become one vector (B, D), for both encoders: "pooler", "cls",
+            "mean", or "auto" (the pooling saved with the checkpoint, else "pooler" for DPR, "cls" otherwise).
+        lr: the one learning rate of both encoders (before the schedule's factor), > 0.
+        weight_decay: AdamW decay of the weight matrices (biases and norms never decay).
+        schedule: "linear" (warm-up, then linear decay to ``final_lr_factor``) or "constant" after warm-up.
+        warmup_steps: optimizer steps of linear warm-up.
+        final_lr_factor: the lr multiplier reached at the last step (linear schedule), in [0, 1].
+        max_question_length: tokens kept per question (longer ones are truncated).
+        max_passage_length: tokens kept per passage input ``[CLS] title [SEP] text [SEP]`` (truncated).
+        gather_negatives: under DDP, score each question against the passages of all W ranks
+            (W * (B + B*H) columns) instead of its own rank's B + B*H; no effect on one device.
+        share_encoders: True: one module (the question encoder's weights) encodes both sides; the export
+            still writes both directories. Needs the two tokenizers to have the same vocabulary.
+        recall_ks: the k of ``val/recall@k`` (a gold passage among the top k of the dev corpus); a k larger
+            than the corpus is skipped.
+        encode_batch_size: passages per context-encoder forward pass when the dev corpus is encoded (once at
+            the end of each validation, on every rank).
+
+    Raises InputError when ``share_encoders`` is set and the tokenizers' vocabularies differ, and (from the
+    loader) when a checkpoint cannot be found or ``pooling`` is unknown; ``lr``, ``schedule``,
+    ``warmup_steps`` and ``final_lr_factor`` are checked when the optimizer is configured.
+    """
 
     def __init__(
         self,

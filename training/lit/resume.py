@@ -72,7 +72,9 @@ class ResumeCallback(pl.Callback):
     """Saves the sampler position and every rank's RNG state in checkpoints; restores them on resume.
 
     The datamodule must implement ``resume_at(epoch, consumed_batches)``, which positions
-    its `ResumableSampler` before the train dataloader is first iterated.
+    its `ResumableSampler` before the train dataloader is first iterated. Takes no constructor arguments.
+
+    Raises InputError on resume when the datamodule has no ``resume_at``.
     """
 
     def __init__(self) -> None:

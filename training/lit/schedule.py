@@ -55,7 +55,15 @@ SCHEDULES = {"linear": linear_warmup_decay, "constant": constant_after_warmup}
 
 @dataclass(frozen=True)
 class RefreshRange:
-    """Refresh every ``every`` steps for ``start <= step < end``."""
+    """Refresh every ``every`` steps for ``start <= step < end``.
+
+    Fields:
+        start: the first refresh step of the range (optimizer steps, inclusive), >= 0.
+        end: the step where the range ends (exclusive), > start.
+        every: optimizer steps between refreshes, >= 1.
+
+    `parse_refresh_schedule` checks these and raises InputError; the dataclass itself does not.
+    """
 
     start: int
     end: int

@@ -32,10 +32,19 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class TrainResult:
-    """What a training run produced: where, and how well."""
+    """What a training run produced: where, and how well.
+
+    Fields:
+        run_dir: the run directory (``paths.run_dir``): train_config.yaml, checkpoints/, logs, train_result.json.
+        export_dir: ``<run_dir>/model``, the exported weights: a `save_rag_model` directory, or
+            ``question_encoder/`` + ``context_encoder/`` for DPR (which weights: the ``export`` setting).
+        best_checkpoint: the ``.ckpt`` of the best ``monitor`` value; None when no monitored checkpoint was written.
+        last_checkpoint: ``checkpoints/last.ckpt``; None when no checkpoint callback saves one.
+        metrics: the final scalars by key (``train/*``, ``val/*``, ``perf/*``, and ``test/*`` when tested).
+    """
 
     run_dir: Path
-    export_dir: Path | None  # RagModel.save_pretrained dir (or question_encoder/ + context_encoder/ for DPR)
+    export_dir: Path | None  # save_rag_model dir (or question_encoder/ + context_encoder/ for DPR)
     best_checkpoint: Path | None
     last_checkpoint: Path | None
     metrics: dict[str, float] = field(default_factory=dict)  # final val/*, train/*, test/* values
