@@ -53,12 +53,12 @@ def require_nq_dev() -> Path:
 
 
 @pytest.fixture(scope="session")
-def tiny(tmp_path_factory: pytest.TempPathFactory) -> TinySetup:
+def tiny_setup(tmp_path_factory: pytest.TempPathFactory) -> TinySetup:
     """A 100-town world, tiny checkpoints trained on its text, and a Flat index of its v1 passages (dropout on)."""
     return make_tiny_setup(tmp_path_factory.mktemp("tiny"))
 
 
 @pytest.fixture(scope="session")
-def tiny_no_dropout(tiny: TinySetup, tmp_path_factory: pytest.TempPathFactory) -> TinySetup:
-    """`tiny` with checkpoints whose dropout is off: for tests that compare weights exactly."""
-    return without_dropout(tiny, tmp_path_factory.mktemp("tiny_no_dropout"))
+def tiny_setup_no_dropout(tiny_setup: TinySetup, tmp_path_factory: pytest.TempPathFactory) -> TinySetup:
+    """`tiny_setup` with checkpoints whose dropout is off: for tests that compare weights exactly."""
+    return without_dropout(tiny_setup, tmp_path_factory.mktemp("tiny_no_dropout"))

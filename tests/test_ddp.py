@@ -35,11 +35,11 @@ def _weights(model_dir: Path) -> dict[str, torch.Tensor]:
             for k, v in load_file(str(model_dir / part / "model.safetensors")).items()}
 
 
-def test_two_rank_ddp_matches_one_process_on_the_global_batch(tiny_no_dropout: TinySetup, tmp_path: Path):
-    single = train(compose([*COMMON, *tiny_overrides(tiny_no_dropout, tmp_path / "single"), "data.batch_size=8"]))
+def test_two_rank_ddp_matches_one_process_on_the_global_batch(tiny_setup_no_dropout: TinySetup, tmp_path: Path):
+    single = train(compose([*COMMON, *tiny_overrides(tiny_setup_no_dropout, tmp_path / "single"), "data.batch_size=8"]))
 
     ddp_dir = tmp_path / "ddp"
-    overrides = [*COMMON, *tiny_overrides(tiny_no_dropout, ddp_dir), "data.batch_size=4", "trainer.strategy=ddp",
+    overrides = [*COMMON, *tiny_overrides(tiny_setup_no_dropout, ddp_dir), "data.batch_size=4", "trainer.strategy=ddp",
                  "trainer.devices=2", "index.sharded=true", f"hydra.run.dir={ddp_dir}"]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PL_DISABLE_FORK": "1"}
     done = subprocess.run([sys.executable, str(REPO / "scripts" / "train.py"), *overrides], cwd=tmp_path, env=env,
@@ -48,27 +48,27 @@ def test_two_rank_ddp_matches_one_process_on_the_global_batch(tiny_no_dropout: T
 
     expected, got = _weights(single.export_dir), _weights(ddp_dir / "model")
     assert expected.keys() == got.keys()
-    initial = _weights_of_start(tiny_no_dropout)
+    initial = _weights_of_start(tiny_setup_no_dropout)
     moved = max((expected[k] - initial[k]).abs().max().item() for k in expected)
     assert moved > 1e-3  # the runs did train: equality is not that of two untouched models
     worst = max((expected[k] - got[k]).abs().max().item() for k in expected)
     assert worst < 1e-6, f"largest weight difference {worst} (largest update {moved})"
 
 
-def test_gradient_accumulation_matches_the_larger_batch(tiny_no_dropout: TinySetup, tmp_path: Path):
+def test_gradient_accumulation_matches_the_larger_batch(tiny_setup_no_dropout: TinySetup, tmp_path: Path):
     """Two accumulated batches of 4 make the same update as one batch of 8 (same 8 questions, same order)."""
-    big = train(compose([*COMMON, *tiny_overrides(tiny_no_dropout, tmp_path / "big"), "data.batch_size=8"]))
-    accumulated = train(compose([*COMMON, *tiny_overrides(tiny_no_dropout, tmp_path / "acc"), "data.batch_size=4",
+    big = train(compose([*COMMON, *tiny_overrides(tiny_setup_no_dropout, tmp_path / "big"), "data.batch_size=8"]))
+    accumulated = train(compose([*COMMON, *tiny_overrides(tiny_setup_no_dropout, tmp_path / "acc"), "data.batch_size=4",
                                         "trainer.accumulate_grad_batches=2"]))
     expected, got = _weights(big.export_dir), _weights(accumulated.export_dir)
     worst = max((expected[k] - got[k]).abs().max().item() for k in expected)
     assert worst < 1e-6, f"largest weight difference {worst}"
 
 
-def _weights_of_start(tiny_no_dropout: TinySetup) -> dict[str, torch.Tensor]:
+def _weights_of_start(tiny_setup_no_dropout: TinySetup) -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
 
     return {**{f"question_encoder.{k}": v for k,
-               v in load_file(str(tiny_no_dropout.models.question_encoder / "model.safetensors")).items()},
+               v in load_file(str(tiny_setup_no_dropout.models.question_encoder / "model.safetensors")).items()},
             **{f"generator.{k}": v for k,
-               v in load_file(str(tiny_no_dropout.models.generator / "model.safetensors")).items()}}
+               v in load_file(str(tiny_setup_no_dropout.models.generator / "model.safetensors")).items()}}

@@ -22,7 +22,7 @@ from decoding.rag_sequence import rag_sequence_generate
 from decoding.rag_token import rag_token_generate
 from decoding.retrieve import retrieve
 from rag_models.errors import InputError
-from rag_models.tiny_models import TinyBartSize, TinyDprSize, save_tiny_checkpoints, tiny_bart
+from rag_models.tiny_models import TinyBartSize, tiny_bart
 from rag_models.tokenization import train_bart_tokenizer
 
 TEXTS = [
@@ -208,30 +208,21 @@ def test_mismatched_inputs_raise_input_error(tiny):
 
 
 @pytest.fixture(scope="module")
-def rag_parts(tmp_path_factory):
-    """A RagModel checkpoint (tiny, untrained) and a Flat index over 12 passages."""
-    from index.build_cli import build_index
+def rag_parts(tiny_setup, tmp_path_factory):
+    """A RagModel checkpoint (tiny, untrained) over the session's tiny world and its Flat index."""
+    from index.passage_files import iter_passages
     from index.retrieval import Retriever
     from rag_models.checkpoint import build_rag_model, save_rag_model
 
     root = tmp_path_factory.mktemp("answer")
-    passages = root / "passages.jsonl"
-    towns = [f"Town{i}" for i in range(12)]
-    rows = [{"id": f"p{i}", "title": town, "text": f"{town} lies on the river R{i} in region G{i % 3}."} for i,
-            town in enumerate(towns)]
-    passages.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    texts = [f"{r['title']} {r['text']}" for r in rows] + [f"which river flows through {t}?" for t in towns]
-    small_dpr = TinyDprSize(hidden_size=32, num_layers=1, num_heads=2, intermediate_size=64, vocab_size=200)
-    small_bart = TinyBartSize(d_model=32, layers=1, heads=2, ffn_dim=64, vocab_size=300, init_std=0.1)
-    paths = save_tiny_checkpoints(root / "tiny", texts, dpr_size=small_dpr, bart_size=small_bart)
-    model = build_rag_model(question_encoder=str(paths.question_encoder), generator=str(paths.generator), n_docs=3,
-                            max_question_length=32, max_passage_length=64, max_source_length=128)
+    models = tiny_setup.models
+    model = build_rag_model(question_encoder=str(models.question_encoder), generator=str(models.generator),
+                            n_docs=3, max_question_length=32, max_passage_length=128, max_source_length=128)
     save_rag_model(model, root / "rag")
-    index_dir = build_index(passages, paths.context_encoder, root / "index", factory="Flat", max_length=64,
-                            progress=False).parent
-    questions = [f"which river flows through {t}?" for t in towns[:3]]
-    return {"model": model, "retriever": Retriever.from_dir(index_dir), "checkpoint": root / "rag", "index": index_dir,
-            "questions": questions, "towns": towns}
+    questions = [json.loads(line)["question"] for line in tiny_setup.world.test.read_text().splitlines()[:3]]
+    towns = [passage.title for passage in iter_passages(tiny_setup.world.v1_passages)]
+    return {"model": model, "retriever": Retriever.from_dir(tiny_setup.index_dir), "checkpoint": root / "rag",
+            "index": tiny_setup.index_dir, "questions": questions, "towns": towns}
 
 
 @pytest.mark.parametrize("strategy", sorted(STRATEGIES))

@@ -28,11 +28,11 @@ def test_collate_puts_positives_first_and_fills_missing_hard_negatives():
     assert passage_key(_passage(3)) == passage_key(Passage("3", "other", "fields")) != passage_key(_passage(4))
 
 
-def test_contrastive_loss_masks_duplicates_of_the_positive(tiny: TinySetup):
+def test_contrastive_loss_masks_duplicates_of_the_positive(tiny_setup: TinySetup):
     from training.lit.dpr_module import DprLitModule
 
-    module = DprLitModule(question_encoder=str(tiny.models.question_encoder),
-                          context_encoder=str(tiny.models.context_encoder),
+    module = DprLitModule(question_encoder=str(tiny_setup.models.question_encoder),
+                          context_encoder=str(tiny_setup.models.context_encoder),
                           optimizer=torch.optim.AdamW)
     q = torch.tensor([[1.0, 0.0], [0.0, 1.0]])  # (B=2, D)
     p = torch.tensor([[2.0, 0.0], [0.0, 2.0], [2.0, 0.0]])  # (P=3, D): column 2 repeats question 0's positive
@@ -43,8 +43,8 @@ def test_contrastive_loss_masks_duplicates_of_the_positive(tiny: TinySetup):
     assert loss.item() == pytest.approx(expected, rel=1e-5) and accuracy.item() == 1.0
 
 
-def test_dpr_training_raises_recall_and_exports_loadable_encoders(tiny: TinySetup, tmp_path: Path):
-    overrides = [*tiny_dpr_overrides(tiny, tmp_path), "logger=csv", "callbacks.lr_monitor=null",
+def test_dpr_training_raises_recall_and_exports_loadable_encoders(tiny_setup: TinySetup, tmp_path: Path):
+    overrides = [*tiny_dpr_overrides(tiny_setup, tmp_path), "logger=csv", "callbacks.lr_monitor=null",
                  "trainer.max_steps=150", "trainer.val_check_interval=50", "data.batch_size=16", "module.lr=1e-2",
                  "module.warmup_steps=5"]
     result = train(compose(["experiment=dpr_demo", *overrides]))
@@ -66,11 +66,11 @@ def test_dpr_training_raises_recall_and_exports_loadable_encoders(tiny: TinySetu
         assert encoder(batch["input_ids"], batch["attention_mask"]).shape == (1, encoder.dim)
 
 
-def test_dev_corpus_defaults_to_pooled_dev_passages(tiny: TinySetup):
-    pooled = DprDataModule(train_file=str(tiny.world.dpr_train), dev_file=str(tiny.world.dpr_dev))
+def test_dev_corpus_defaults_to_pooled_dev_passages(tiny_setup: TinySetup):
+    pooled = DprDataModule(train_file=str(tiny_setup.world.dpr_train), dev_file=str(tiny_setup.world.dpr_dev))
     pooled.setup("fit")
-    full = DprDataModule(train_file=str(tiny.world.dpr_train), dev_file=str(tiny.world.dpr_dev),
-                         passages_file=str(tiny.world.v1_passages))
+    full = DprDataModule(train_file=str(tiny_setup.world.dpr_train), dev_file=str(tiny_setup.world.dpr_dev),
+                         passages_file=str(tiny_setup.world.v1_passages))
     full.setup("fit")
     assert len(full.corpus) == 100 and 0 < len(pooled.corpus) < len(full.corpus)
     gold = {passage_key(p) for ex in pooled.dev_examples for p in ex.positives}

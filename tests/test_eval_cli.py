@@ -26,10 +26,10 @@ N_QUESTIONS = 16  # 2 processes x 2 batches of 4: the same batches as one proces
 
 
 @pytest.fixture(scope="module")
-def parts(tiny, tmp_path_factory):
+def parts(tiny_setup, tmp_path_factory):
     """The session's tiny world and v1 index, a v2 index, and an (untrained) RagModel checkpoint."""
     root = tmp_path_factory.mktemp("eval")
-    setup = tiny
+    setup = tiny_setup
     model = build_rag_model(question_encoder=str(setup.models.question_encoder), generator=str(setup.models.generator),
                             n_docs=3, max_question_length=32, max_passage_length=128, max_source_length=128)
     save_rag_model(model, root / "rag")

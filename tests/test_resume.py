@@ -29,10 +29,10 @@ class KillAtStep(pl.Callback):
             raise Killed(f"killed before step {self.step + 1}")
 
 
-def _config(tiny: TinySetup, run_dir: Path, *extra: str):
+def _config(tiny_setup: TinySetup, run_dir: Path, *extra: str):
     # 358 training questions / batch 8 = 45 batches per epoch: steps 1-7 are all mid-epoch.
     return compose([
-        "experiment=demo", *tiny_overrides(tiny, run_dir), "trainer.deterministic=true", "trainer.max_steps=7",
+        "experiment=demo", *tiny_overrides(tiny_setup, run_dir), "trainer.deterministic=true", "trainer.max_steps=7",
         "data.batch_size=8", "trainer.val_check_interval=3", "data.max_val_examples=4", "test=false",
         "callbacks.checkpoint_last.every_n_train_steps=2", "module.warmup_steps=2", "logger=none",
         "callbacks.lr_monitor=null", *extra,
@@ -49,15 +49,15 @@ def _weights(module_dir: Path) -> dict[str, torch.Tensor]:
     return found
 
 
-def test_killed_run_resumes_to_identical_weights(tiny: TinySetup, tmp_path: Path):
-    straight = train(_config(tiny, tmp_path / "straight"))
+def test_killed_run_resumes_to_identical_weights(tiny_setup: TinySetup, tmp_path: Path):
+    straight = train(_config(tiny_setup, tmp_path / "straight"))
 
     with pytest.raises(Killed):
-        train(_config(tiny, tmp_path / "killed"), extra_callbacks=[KillAtStep(5)])
+        train(_config(tiny_setup, tmp_path / "killed"), extra_callbacks=[KillAtStep(5)])
     last = tmp_path / "killed" / "checkpoints" / "last.ckpt"
     assert safe_torch_load(last)["global_step"] == 4  # the checkpoint of step 4; step 5 is lost
     assert not list(last.parent.glob(".*tmp*"))  # no temporary file left behind
-    resumed = train(_config(tiny, tmp_path / "killed", "ckpt_path=last"))
+    resumed = train(_config(tiny_setup, tmp_path / "killed", "ckpt_path=last"))
 
     expected, got = _weights(straight.export_dir), _weights(resumed.export_dir)
     assert expected.keys() == got.keys()

@@ -20,9 +20,9 @@ from training.lit.train_cli import train
 EXPERIMENTS = sorted(p.stem for p in (CONFIG_DIR / "experiment").glob("*.yaml"))
 
 
-def _config(experiment: str, tiny: TinySetup, run_dir: Path, *extra: str):
+def _config(experiment: str, tiny_setup: TinySetup, run_dir: Path, *extra: str):
     overrides = tiny_dpr_overrides if experiment.startswith("dpr") else tiny_overrides
-    return compose([f"experiment={experiment}", *overrides(tiny, run_dir), *extra])
+    return compose([f"experiment={experiment}", *overrides(tiny_setup, run_dir), *extra])
 
 
 def _read_csv_metrics(run_dir: Path) -> list[dict[str, str]]:
@@ -35,8 +35,8 @@ def _column(rows: list[dict[str, str]], key: str) -> list[float]:
 
 
 @pytest.mark.parametrize("experiment", EXPERIMENTS)
-def test_every_experiment_runs_fast_dev_run(experiment: str, tiny: TinySetup, tmp_path: Path):
-    result = train(_config(experiment, tiny, tmp_path, "trainer.fast_dev_run=true"))
+def test_every_experiment_runs_fast_dev_run(experiment: str, tiny_setup: TinySetup, tmp_path: Path):
+    result = train(_config(experiment, tiny_setup, tmp_path, "trainer.fast_dev_run=true"))
     assert result.export_dir is not None and result.export_dir.is_dir()
     loss = result.metrics["train/loss"]
     assert loss == loss and loss > 0  # finite, not NaN
@@ -49,8 +49,8 @@ def test_every_experiment_runs_fast_dev_run(experiment: str, tiny: TinySetup, tm
         assert 0.0 <= result.metrics["test/em"] <= 1.0
 
 
-def test_loss_decreases_and_metrics_are_logged(tiny: TinySetup, tmp_path: Path):
-    cfg = _config("demo", tiny, tmp_path, "logger=csv", "trainer.max_steps=30", "trainer.log_every_n_steps=1",
+def test_loss_decreases_and_metrics_are_logged(tiny_setup: TinySetup, tmp_path: Path):
+    cfg = _config("demo", tiny_setup, tmp_path, "logger=csv", "trainer.max_steps=30", "trainer.log_every_n_steps=1",
                   "trainer.val_check_interval=30", "data.batch_size=8", "module.warmup_steps=3",
                   "module.lr_question_encoder=1e-4", "module.lr_generator=3e-3")
     result = train(cfg)
@@ -78,32 +78,32 @@ def _tensors(directory: Path) -> dict[str, torch.Tensor]:
 
 
 @pytest.mark.parametrize("train_question_encoder", [True, False])
-def test_question_encoder_trains_or_stays_frozen(train_question_encoder: bool, tiny: TinySetup, tmp_path: Path):
-    cfg = _config("demo", tiny, tmp_path, "trainer.max_steps=3", "trainer.limit_val_batches=0", "test=false",
+def test_question_encoder_trains_or_stays_frozen(train_question_encoder: bool, tiny_setup: TinySetup, tmp_path: Path):
+    cfg = _config("demo", tiny_setup, tmp_path, "trainer.max_steps=3", "trainer.limit_val_batches=0", "test=false",
                   f"module.train_question_encoder={train_question_encoder}", "module.warmup_steps=0")
     result = train(cfg)
-    before, after = _tensors(tiny.models.question_encoder), _tensors(result.export_dir / "question_encoder")
+    before, after = _tensors(tiny_setup.models.question_encoder), _tensors(result.export_dir / "question_encoder")
     changed = any(not torch.equal(before[k], after[k]) for k in before)
     assert changed == train_question_encoder
-    generator_before, generator_after = _tensors(tiny.models.generator), _tensors(result.export_dir / "generator")
+    generator_before, generator_after = _tensors(tiny_setup.models.generator), _tensors(result.export_dir / "generator")
     assert any(not torch.equal(generator_before[k], generator_after[k]) for k in generator_before)
 
 
-def test_sample_predictions_reach_tensorboard(tiny: TinySetup, tmp_path: Path):
+def test_sample_predictions_reach_tensorboard(tiny_setup: TinySetup, tmp_path: Path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    cfg = _config("demo", tiny, tmp_path, "trainer.max_steps=2", "trainer.val_check_interval=2", "test=false")
+    cfg = _config("demo", tiny_setup, tmp_path, "trainer.max_steps=2", "trainer.val_check_interval=2", "test=false")
     train(cfg)
     events = EventAccumulator(str(tmp_path / "tensorboard"), size_guidance={"tensors": 0})
     events.Reload()
     assert "val/samples/text_summary" in events.Tags()["tensors"]
     text = events.Tensors("val/samples/text_summary")[-1].tensor_proto.string_val[0].decode()
-    first_question = tiny.world.dev.read_text().splitlines()[0].split('"')[3]
+    first_question = tiny_setup.world.dev.read_text().splitlines()[0].split('"')[3]
     assert first_question in text and "| question | prediction | answers | retrieved |" in text
 
 
-def test_index_refresh_reencodes_and_swaps(tiny: TinySetup, tmp_path: Path):
-    cfg = _config("demo_e2e", tiny, tmp_path, "trainer.max_steps=4", "trainer.limit_val_batches=0", "test=false",
+def test_index_refresh_reencodes_and_swaps(tiny_setup: TinySetup, tmp_path: Path):
+    cfg = _config("demo_e2e", tiny_setup, tmp_path, "trainer.max_steps=4", "trainer.limit_val_batches=0", "test=false",
                   "callbacks.index_refresh.schedule='0-3:2,3-100:1'")
     result = train(cfg)
     refreshed = sorted(p.name for p in (tmp_path / "refreshed_index").iterdir())
@@ -139,12 +139,12 @@ def test_param_groups_split_components_and_skip_tied_weights():
         param_groups({"a": (torch.nn.Linear(2, 2).requires_grad_(False), 1e-3)})
 
 
-def test_bad_settings_raise_input_errors(tiny: TinySetup, tmp_path: Path):
+def test_bad_settings_raise_input_errors(tiny_setup: TinySetup, tmp_path: Path):
     with pytest.raises(InputError, match="data.answers"):
-        QADataModule(train_file=str(tiny.world.train), answers="random")
+        QADataModule(train_file=str(tiny_setup.world.train), answers="random")
     with pytest.raises(InputError, match="paths.run_dir"):
-        train(_config("demo", tiny, tmp_path, "paths.run_dir=null"))
+        train(_config("demo", tiny_setup, tmp_path, "paths.run_dir=null"))
     with pytest.raises(InputError, match="module.mode"):
-        train(_config("demo", tiny, tmp_path, "module.mode=open_book"))
+        train(_config("demo", tiny_setup, tmp_path, "module.mode=open_book"))
     with pytest.raises(InputError, match="index.path"):
-        train(_config("demo", tiny, tmp_path, "index.path=null", "trainer.fast_dev_run=true"))
+        train(_config("demo", tiny_setup, tmp_path, "index.path=null", "trainer.fast_dev_run=true"))
