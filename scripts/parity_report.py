@@ -158,7 +158,8 @@ def main() -> None:
         ex, bl, gd = (max(r[i] for r in rows) for i in range(3))
         rel = max(r[2] / r[3] for r in rows)
         top = max(r[4] for r in rows)  # float32 spacing near it bounds what "equal" can mean
-        print(f"{marginalization:<16}{str(exclude_bos):<13}{eps:<11}{ex:>17.2e}{bl:>19.2e}{gd:>15.2e}{rel:>11.2e}{top:>10.1f}")
+        print(f"{marginalization:<16}{str(exclude_bos):<13}{eps:<11}"
+              f"{ex:>17.2e}{bl:>19.2e}{gd:>15.2e}{rel:>11.2e}{top:>10.1f}")
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ import pytest
 from index.build_cli import build_index
 from rag_models.checkpoint import build_rag_model, load_rag_model, save_rag_model, saved_mode
 from rag_models.errors import InputError
+from rag_models.retriever import DenseEncoder
 from rag_models.tiny_models import TinyDprSize, save_tiny_checkpoints
 from training.config import compose
 from training.evaluation.eval_cli import evaluate
@@ -78,6 +79,21 @@ def test_outputs_and_provenance(parts, one_process):
     assert metrics["exact_match"] == pytest.approx(sum(r["correct"] for r in records) / N_QUESTIONS)
     report = (out / "report.md").read_text()
     assert "| exact_match |" in report and records[0]["question"] in report
+
+
+def test_question_encoder_runs_once_per_batch(parts, monkeypatch, tmp_path):
+    """One pass embeds a batch: the vectors that search the index also score the docs the answer reads."""
+    calls: list[int] = []
+    forward = DenseEncoder.forward
+
+    def counting(self, input_ids, attention_mask):
+        calls.append(int(input_ids.shape[0]))
+        return forward(self, input_ids, attention_mask)
+
+    monkeypatch.setattr(DenseEncoder, "forward", counting)
+    evaluate(compose_eval(_overrides(parts, tmp_path / "count", "limit=10", "decoding=thorough")))
+    # 10 questions in batches of 4 (4, 4, 2), after the one-question dimension probe at load time.
+    assert calls == [1, 4, 4, 2]
 
 
 def test_rag_score_agrees_with_rag_eval(parts, one_process, tmp_path):

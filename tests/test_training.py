@@ -10,8 +10,9 @@ import torch
 
 from rag_models.checkpoint import load_rag_model
 from rag_models.errors import InputError
+from rag_models.marginalize import rag_sequence_nll
 from tiny_setup import TinySetup, tiny_dpr_overrides, tiny_overrides
-from training.config import CONFIG_DIR, compose
+from training.config import CONFIG_DIR, compose, instantiate
 from training.data.qa_datamodule import QADataModule
 from training.lit.optim import param_groups
 from training.lit.schedule import parse_refresh_schedule, refresh_due, warmup_decay_factor
@@ -137,6 +138,30 @@ def test_param_groups_split_components_and_skip_tied_weights():
     assert all(g["lr"] == 1e-4 for g in groups) and groups[1]["weight_decay"] == 0.0
     with pytest.raises(InputError, match="nothing to train"):
         param_groups({"a": (torch.nn.Linear(2, 2).requires_grad_(False), 1e-3)})
+
+
+@pytest.mark.parametrize("model,reduction", [("rag_sequence", "mean"), ("rag_token", "sum")])
+def test_closed_book_loss_is_the_generator_alone_under_the_models_own_loss(model: str, reduction: str,
+                                                                         tiny_setup: TinySetup, tmp_path: Path):
+    """One pseudo-doc with log p(z|x) = 0: both marginalizations reduce to the generator's own smoothed NLL."""
+    cfg = _config("closed_book", tiny_setup, tmp_path, f"model={model}", "model.label_smoothing=0.1",
+                  f"model.loss_reduction={reduction}")
+    module = instantiate(cfg.module).eval()
+    questions, answers = ["who founded Quenby?", "which river flows through Marrowick?"], ["Elsa Tarn", "Varn"]
+    with torch.no_grad():
+        loss, nll, _ = module._closed_book_loss(questions, answers)
+        gen = module.model.generator
+        ids, mask = gen.build_question_inputs(questions)  # (B, L)
+        decoder_input_ids, target = gen.prepare_targets(answers)  # (B, T)
+        logits = gen(ids, mask, decoder_input_ids)  # (B, T, V)
+        zeros = logits.new_zeros(len(questions), 1)  # (B, 1)
+        plain = rag_sequence_nll(logits, zeros, target, gen.pad_token_id, bos_token_id=gen.bos_token_id)
+        smoothed = rag_sequence_nll(logits, zeros, target, gen.pad_token_id, label_smoothing=0.1,
+                                    bos_token_id=gen.bos_token_id)
+    assert torch.allclose(nll, plain, rtol=1e-5, atol=1e-5)
+    expected = smoothed.mean() if reduction == "mean" else smoothed.sum()
+    assert torch.allclose(loss, expected, rtol=1e-5, atol=1e-5)
+    assert module.model.marginalization == model.split("_")[1]
 
 
 def test_bad_settings_raise_input_errors(tiny_setup: TinySetup, tmp_path: Path):
