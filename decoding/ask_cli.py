@@ -1,6 +1,6 @@
 """rag-ask: answer questions from the command line with a trained RagModel and an index.
 
-    rag-ask --checkpoint runs/demo/<time>/model --index runs/demo/index "who founded Marrowick?"
+    rag-ask --checkpoint runs/demo-<time>/rag_sequence/model --index runs/demo-<time>/index "who founded Marrowick?"
     echo "who founded Marrowick?" | rag-ask --checkpoint DIR --index DIR --strategy fast --n-docs 10
 
 Questions come from the arguments, or else one per line from stdin (each answered as soon
@@ -37,6 +37,12 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--num-answers", type=int, default=1, help="n-best answers to print (<= --num-beams)")
     parser.add_argument("--top-docs", type=int, default=3, help="supporting passages shown per answer")
     parser.add_argument("--backend", choices=["faiss", "torch"], default="faiss", help="how the index is searched")
+    # The index group's search knobs (configs/index/): IVF, HNSW and PQ indexes need them as in rag-eval.
+    parser.add_argument("--nprobe", type=int, default=None, help="IVF lists probed per query (IVF indexes)")
+    parser.add_argument("--ef-search", type=int, default=None, help="HNSW search width (HNSW indexes)")
+    parser.add_argument("--refine", type=int, default=None,
+                        help="re-rank refine * n_docs candidates by exact q.d (PQ indexes)")
+    parser.add_argument("--mmap", action="store_true", help="map index.faiss instead of reading it into RAM")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     return parser
 
@@ -84,11 +90,13 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
         # Imported here so that `rag-ask --help` answers without loading torch models or faiss.
-        from index.retrieval import Retriever
+        from index.settings import IndexSettings
         from rag_models.checkpoint import load_rag_model
 
         model = load_rag_model(args.checkpoint).to(args.device).eval()
-        retriever = Retriever.from_dir(args.index, backend=args.backend)
+        index = IndexSettings(path=args.index, factory=None, backend=args.backend, nprobe=args.nprobe,
+                              ef_search=args.ef_search, refine=args.refine, mmap=args.mmap)
+        retriever = index.open()
         ask(_questions(args.questions, sys.stdin), retriever, model, settings_from_args(args), args.top_docs,
             sys.stdout)
     except InputError as err:

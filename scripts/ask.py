@@ -1,6 +1,7 @@
 """Answer questions with a trained RagModel and an index (same as the `rag-ask` console script).
 
-    python scripts/ask.py --checkpoint runs/demo/<time>/model --index runs/demo/index "who founded Marrowick?"
+    python scripts/ask.py --checkpoint runs/demo-<time>/rag_sequence/model \\
+        --index runs/demo-<time>/index "who founded Marrowick?"
 """
 from __future__ import annotations
 

@@ -265,12 +265,19 @@ def test_rag_ask_prints_answers_with_supporting_titles(rag_parts, capsys, monkey
     base = ["--checkpoint", str(rag_parts["checkpoint"]), "--index", str(rag_parts["index"]), "--max-length", "6",
             "--num-beams", "2"]
     assert ask_main([*base, "--strategy", "fast", rag_parts["questions"][0]]) == 0
-    out = capsys.readouterr().out
+    out = first = capsys.readouterr().out
     assert out.startswith(f"Q: {rag_parts['questions'][0]}\nA: ") and "from: " in out
     monkeypatch.setattr("sys.stdin", io.StringIO("\n".join(rag_parts["questions"][:2]) + "\n\n"))
     assert ask_main([*base, "--strategy", "greedy", "--top-docs", "1"]) == 0
     out = capsys.readouterr().out
     assert out.count("Q: ") == 2 and out.count("from: ") == 2
+    # The index's search knobs reach the retriever: exact re-ranking changes nothing on a Flat index,
+    # and a knob the index lacks is refused, naming the setting.
+    question = rag_parts["questions"][0]
+    assert ask_main([*base, "--strategy", "fast", "--refine", "2", "--mmap", question]) == 0
+    assert capsys.readouterr().out == first
+    assert ask_main([*base, "--strategy", "fast", "--nprobe", "4", question]) == 2
+    assert "index.nprobe" in capsys.readouterr().err
 
 
 def test_rag_ask_reports_a_missing_checkpoint(rag_parts, capsys, tmp_path):

@@ -1,6 +1,7 @@
 """``rag-eval``: answer a question file with a trained RagModel and an index; write predictions and metrics.
 
-    rag-eval checkpoint=runs/demo/<time>/model questions=world/v1/test.jsonl index.path=runs/demo/index
+    rag-eval checkpoint=runs/demo-<time>/rag_sequence/model questions=runs/demo-<time>/world/v1/test.jsonl \\
+             index.path=runs/demo-<time>/index
     rag-eval ... decoding=beam n_docs=50                  # test-time docs may differ from training
     rag-eval ... index.path=other_index                   # swap the index, no retraining
     rag-eval ... trainer.devices=4                        # 4 processes (gloo on CPU, nccl on GPUs)

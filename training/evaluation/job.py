@@ -68,7 +68,7 @@ def _required(value: Any, setting: str, example: str) -> Any:
 
 def job_from_config(cfg: DictConfig) -> EvalJob:
     """The typed job of a composed ``eval`` config (groups index and decoding, key trainer.devices, ...)."""
-    checkpoint = Path(_required(cfg.get("checkpoint"), "checkpoint", "runs/demo/<time>/model"))
+    checkpoint = Path(_required(cfg.get("checkpoint"), "checkpoint", "runs/demo-<time>/rag_sequence/model"))
     decoding: DecodingSettings = instantiate(cfg.decoding)
     trainer = cfg.get("trainer") or {}
     return EvalJob(
@@ -76,7 +76,7 @@ def job_from_config(cfg: DictConfig) -> EvalJob:
         questions=str(_required(cfg.get("questions"), "questions", "data/nq-test.jsonl")),
         out_dir=Path(_required(cfg.get("out_dir"), "out_dir", "runs/eval")),
         index=instantiate(cfg.index),
-        # The top-level n_docs wins; the decoding group's (rag-ask's knob) is accepted too.
+        # The top-level n_docs wins; one added to the decoding group (+decoding.n_docs=N) counts too.
         decoding=replace(decoding, n_docs=None),
         mode=cfg.get("mode") or saved_mode(checkpoint),  # null: as the checkpoint was trained
         n_docs=cfg.get("n_docs") or decoding.n_docs,

@@ -1,6 +1,6 @@
 """``rag-train``: instantiate the configured data, module, trainer, callbacks and loggers; fit; test; export.
 
-    rag-train experiment=demo paths.world_dir=runs/demo/world
+    rag-train experiment=demo paths.demo_dir=runs/demo-<time>      # a rag-demo directory: world, tiny, dpr, index
     rag-train experiment=nq_rag_sequence index.path=/data/index trainer=ddp trainer.devices=8
     rag-train experiment=demo hydra.run.dir=runs/demo/<time> ckpt_path=last    # resume a killed run
 
