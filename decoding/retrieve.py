@@ -36,10 +36,6 @@ class Retrieval:
     question_vectors: Tensor
     docs: RetrievedDocs
 
-    def first(self, k: int) -> "Retrieval":
-        """The same questions with only their top ``k`` docs."""
-        return Retrieval(self.question_vectors, self.docs.first(k))
-
 
 @torch.no_grad()
 def embed_questions(model: RagModel, questions: list[str]) -> Tensor:
