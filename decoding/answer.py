@@ -158,7 +158,7 @@ def decode_retrieved(questions: list[str], model: RagModel, retrieval: Retrieval
     docs = retrieval.docs.first(k)  # (B, K)
     q = retrieval.question_vectors  # (B, D)
     with eval_mode(model):
-        ids, mask = model.generator.build_inputs(questions, docs.titles, docs.texts)  # (B*K, L)
+        ids, mask = model.build_generator_inputs(questions, docs)  # (B*K, L)
         scores = model.doc_scores(q, docs.vectors.to(q.device, q.dtype))  # (B, K)
         result = STRATEGIES[settings.strategy](model.generator.model, ids.to(q.device), mask.to(q.device), scores,
                                                n_docs=k, **settings.search_kwargs())

@@ -56,7 +56,8 @@ def _question_first(gen: "Generator", questions: list[str], titles: list[list[st
     """``question // title / text``, passage truncated so the question is never cut."""
     tok = gen.tokenizer
     q_ids = tok([gen.prefix + q.strip() for q in questions], add_special_tokens=False)["input_ids"]
-    passages = [f"{DOC_SEP}{_clean_title(t)}{TITLE_SEP}{x}" for ts, xs in zip(titles, texts) for t, x in zip(ts, xs)]
+    passages = [f"{gen.doc_sep}{_clean_title(t)}{gen.title_sep}{x}" for ts, xs in zip(titles, texts)
+                for t, x in zip(ts, xs)]
     p_ids = tok(passages, add_special_tokens=False)["input_ids"]  # B*K lists
     head, tail = gen.special_frame
     k = len(titles[0])
@@ -79,7 +80,7 @@ def _transformers_format(gen: "Generator", questions: list[str], titles: list[li
                          texts: list[list[str]]) -> tuple[Tensor, Tensor]:
     """transformers' RagRetriever format ``title / text // question``, padded to max_source_length."""
     strings = [
-        (gen.prefix + _clean_title(t) + TITLE_SEP + x + DOC_SEP + q).replace("  ", " ")
+        (gen.prefix + _clean_title(t) + gen.title_sep + x + gen.doc_sep + q).replace("  ", " ")
         for q, ts, xs in zip(questions, titles, texts)
         for t, x in zip(ts, xs)
     ]
@@ -111,6 +112,8 @@ class Generator(nn.Module):
         input_format: how a question and a doc become one input, a key of `INPUT_FORMATS`:
             "question_first" (``question // title / text``) or "transformers" (``title / text // question``,
             token for token transformers' RagRetriever, for parity).
+        title_sep: between a passage's title and its text (transformers' ``RagConfig.title_sep``).
+        doc_sep: between the question and the passage (transformers' ``RagConfig.doc_sep``).
 
     Raises InputError for an unknown ``input_format``, a ``max_source_length`` above the model's positions,
     a config without ``decoder_start_token_id``, or a tokenizer whose special tokens cannot be located.
@@ -124,6 +127,8 @@ class Generator(nn.Module):
         max_source_length: int = 300,
         max_target_length: int = 64,
         input_format: str = "question_first",
+        title_sep: str = TITLE_SEP,
+        doc_sep: str = DOC_SEP,
     ) -> None:
         super().__init__()
         if input_format not in INPUT_FORMATS:
@@ -144,6 +149,8 @@ class Generator(nn.Module):
         self.max_source_length = max_source_length
         self.max_target_length = max_target_length
         self.input_format = input_format
+        self.title_sep = title_sep
+        self.doc_sep = doc_sep
         self.special_frame = _special_frame(tokenizer)
         self.prefix = getattr(model.config, "prefix", None) or ""  # T5-style task prefix, as transformers' RAG
         self._format = INPUT_FORMATS[input_format]

@@ -141,8 +141,8 @@ class RagModel(nn.Module):
         """The scalar settings (saved as rag_config.json beside the weights)."""
         names = ("marginalization", "n_docs", "label_smoothing", "exclude_bos_score", "train_context_encoder",
                  "max_question_length", "max_passage_length", "loss_reduction")
-        gen = {name: getattr(self.generator,
-                             name) for name in ("max_source_length", "max_target_length", "input_format")}
+        gen_names = ("max_source_length", "max_target_length", "input_format", "title_sep", "doc_sep")
+        gen = {name: getattr(self.generator, name) for name in gen_names}
         return {**{name: getattr(self, name) for name in names}, **gen}
 
     def tokenize_questions(self, questions: list[str]) -> BatchEncoding:
@@ -167,10 +167,23 @@ class RagModel(nn.Module):
         texts = [x for row in docs.texts for x in row]
         return tokenize_passages(self.context_tokenizer, titles, texts, self.max_passage_length)
 
+    def build_generator_inputs(self, questions: list[str], docs: RetrievedDocs) -> tuple[Tensor, Tensor]:
+        """Generator inputs of every (question, doc) pair: input_ids (B*K, L), attention_mask (B*K, L).
+
+        With the "transformers" input format the question reaches the generator as transformers'
+        RagRetriever passes it: tokenized by the question tokenizer (truncated to ``max_question_length``)
+        and decoded back without special tokens (an uncased DPR tokenizer lowercases it), which is what
+        the released RAG checkpoints were trained on. "question_first" uses the question as given.
+        """
+        if self.generator.input_format == "transformers":
+            ids = self.tokenize_questions(questions)["input_ids"]  # (B, Lq)
+            questions = self.question_tokenizer.batch_decode(ids, skip_special_tokens=True)
+        return self.generator.build_inputs(questions, docs.titles, docs.texts)
+
     def prepare_inputs(self, questions: list[str], docs: RetrievedDocs, answers: list[str]) -> dict[str, Any]:
         """Everything `forward` needs for a batch, as CPU tensors keyed by its argument names."""
         q = self.tokenize_questions(questions)
-        context_input_ids, context_attention_mask = self.generator.build_inputs(questions, docs.titles, docs.texts)
+        context_input_ids, context_attention_mask = self.build_generator_inputs(questions, docs)
         decoder_input_ids, target = self.generator.prepare_targets(answers)
         batch = {
             "question_input_ids": q["input_ids"],
