@@ -2,8 +2,8 @@
 
 The bookkeeping follows transformers' (5.x) greedy and beam search step for step
 (top 2·W continuations, finished hypotheses ranked by ``sum / length**penalty``,
-the same early-stopping heuristic, the MinLength / ForcedBOS / ForcedEOS
-processors in that order), so that with the same per-step log-probs we pick the
+the same early-stopping heuristic, the NoRepeatNGram / MinLength / ForcedBOS /
+ForcedEOS processors in that order), so that with the same per-step log-probs we pick the
 same tokens. What it adds: the *raw* log-prob of every chosen token (before the
 processors) is kept beside each hypothesis, so callers get the plain
 log-likelihood ``Σ_t log p(y_t|...)`` that RAG-Sequence fast decoding needs.
@@ -55,6 +55,8 @@ class SearchSettings:
         forced_bos_token_id: if set, the only token allowed right after the decoder start (transformers'
             ForcedBOS); its true log-prob is still recorded.
         forced_eos_token_id: if set, the only token allowed at the last position (max_length - 1).
+        no_repeat_ngram_size: n > 0 forbids any token that would repeat an n-gram of the hypothesis
+            (decoder start included), as transformers' NoRepeatNGram; 0 = off.
 
     Raises InputError (in ``__post_init__``) for num_beams < 1, num_return_sequences outside 1..num_beams,
     max_length < 2, min_length outside 0..max_length, or early_stopping not True, False or "never".
@@ -72,6 +74,7 @@ class SearchSettings:
     bos_token_id: int | None = None  # only to recognize a shared first BOS when scoring
     forced_bos_token_id: int | None = None
     forced_eos_token_id: int | None = None
+    no_repeat_ngram_size: int = 0
 
     def __post_init__(self) -> None:
         if self.num_beams < 1:
@@ -127,6 +130,7 @@ def search_settings(generator: PreTrainedModel, **search: object) -> SearchSetti
         bos_token_id=special("bos_token_id"),
         forced_bos_token_id=special("forced_bos_token_id"),
         forced_eos_token_id=forced_eos,
+        no_repeat_ngram_size=int(special("no_repeat_ngram_size") or 0),
         **search,
     )
 
@@ -150,9 +154,29 @@ class SearchOutput:
     extra: torch.Tensor | None = None
 
 
-def process_logprobs(log_probs: torch.Tensor, cur_len: int, s: SearchSettings) -> torch.Tensor:
-    """transformers' MinLength, ForcedBOS and ForcedEOS processors, in that order. (R, V) -> (R, V)."""
+def repeated_ngram_tokens(history: torch.Tensor, n: int, vocab_size: int) -> torch.Tensor:
+    """(R, V) bool: the tokens that would complete an n-gram already in each row of ``history`` (R, L)."""
+    rows, length = history.shape
+    banned = torch.zeros(rows, vocab_size, dtype=torch.bool, device=history.device)  # (R, V)
+    if n < 1 or length < n:
+        return banned
+    grams = history.unfold(1, n, 1)  # (R, L-n+1, n): every n-gram so far
+    last = history[:, length - n + 1:]  # (R, n-1): what the next token would extend
+    same_start = (grams[:, :, : n - 1] == last[:, None, :]).all(-1)  # (R, L-n+1)
+    hits = torch.zeros(rows, vocab_size, device=history.device)
+    hits.scatter_add_(1, grams[:, :, n - 1], same_start.float())
+    return hits > 0
+
+
+def process_logprobs(log_probs: torch.Tensor, cur_len: int, s: SearchSettings,
+                     history: torch.Tensor | None = None) -> torch.Tensor:
+    """transformers' NoRepeatNGram, MinLength, ForcedBOS and ForcedEOS processors, in that order. (R, V) -> (R, V).
+
+    ``history`` (R, cur_len): the tokens so far, decoder start included (needed for no_repeat_ngram_size).
+    """
     out = log_probs
+    if s.no_repeat_ngram_size > 0 and history is not None:
+        out = out.masked_fill(repeated_ngram_tokens(history, s.no_repeat_ngram_size, out.shape[1]), -math.inf)
     if cur_len < s.min_length:
         out = out.clone()
         out[:, list(s.eos_token_ids)] = -math.inf
@@ -178,7 +202,7 @@ def greedy_search(step: StepFn, n: int, s: SearchSettings, device: torch.device,
     while True:
         raw, aux = step(seqs[:, cur_len - 1], None)  # (N, V), (N, A, V) | None
         raw = raw.float()
-        processed = process_logprobs(raw, cur_len, s)
+        processed = process_logprobs(raw, cur_len, s, seqs[:, :cur_len])
         best = processed.argmax(-1)  # (N,)
         if aux is not None:
             picked = aux.gather(2, best.view(n, 1, 1).expand(-1, extra_dims, 1)).squeeze(2)  # (N, A)
@@ -242,7 +266,8 @@ def _candidates(
 ) -> tuple[_Beams, torch.Tensor]:
     """The `keep` best one-token extensions of all running beams; also returns their source beam (N, keep)."""
     n, w, v = raw.shape  # (N, W, V)
-    processed = process_logprobs(raw.view(n * w, v), cur_len, s).view(n, w, v)
+    history = running.seqs[:, :, :cur_len].reshape(n * w, cur_len)  # (N*W, cur_len)
+    processed = process_logprobs(raw.view(n * w, v), cur_len, s, history).view(n, w, v)
     total = (processed + running.scores[:, :, None]).view(n, w * v)  # (N, W*V)
     top_scores, top_index = torch.topk(total, keep, dim=1)  # (N, keep), sorted best first
     source = top_index // v

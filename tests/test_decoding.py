@@ -14,10 +14,11 @@ import pytest
 import torch
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
+from transformers.generation.logits_process import NoRepeatNGramLogitsProcessor
 
 from decoding.answer import STRATEGIES, Answer, DecodingSettings, answer, decode_retrieved
 from decoding.ask_cli import main as ask_main
-from decoding.beam import SearchSettings, beam_search, greedy_search
+from decoding.beam import SearchSettings, beam_search, greedy_search, process_logprobs, repeated_ngram_tokens
 from decoding.rag_sequence import rag_sequence_generate
 from decoding.rag_token import rag_token_generate
 from decoding.retrieve import retrieve
@@ -292,3 +293,18 @@ def test_decoding_configs_instantiate_into_decoder_arguments(path):
     decoder = STRATEGIES[settings.strategy]
     # every search setting is an argument of the strategy's decoder
     inspect.signature(decoder).bind(None, None, None, None, n_docs=3, **settings.search_kwargs())
+
+
+@pytest.mark.parametrize("n", [1, 2, 3])
+def test_no_repeat_ngram_bans_what_transformers_bans(n: int):
+    """Imported checkpoints may decode with no_repeat_ngram_size (BART-large's is 3): same bans as transformers."""
+    gen = torch.Generator().manual_seed(n)
+    for length in range(1, 9):
+        history = torch.randint(0, 4, (6, length), generator=gen)  # small vocab: many repeats
+        scores = torch.zeros(6, 7)
+        theirs = NoRepeatNGramLogitsProcessor(n)(history, scores.clone()) == -math.inf
+        assert torch.equal(repeated_ngram_tokens(history, n, 7), theirs)
+    settings = SearchSettings(max_length=9, no_repeat_ngram_size=2)
+    history = torch.tensor([[2, 5, 6, 5]])
+    processed = process_logprobs(torch.zeros(1, 8), 4, settings, history)
+    assert processed[0, 6] == -math.inf and torch.isfinite(processed[0, 5])  # "5 6" again is banned
