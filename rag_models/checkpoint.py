@@ -19,19 +19,25 @@ from typing import Any
 
 from rag_models.atomic import atomic_directory
 from rag_models.errors import InputError
-from rag_models.generator import Generator
+from rag_models.generator import DOC_SEP, TITLE_SEP, Generator
 from rag_models.loaders import load_generator_checkpoint
 from rag_models.rag import RagModel
 from rag_models.retriever import load_encoder
 
 CONFIG_NAME = "rag_config.json"
-MODES = ("rag", "closed_book")  # how a saved model was trained to read: with retrieved passages, or without
+MODES = ("rag", "closed_book")
+# How a checkpoint reads its inputs: `build_rag_model(init_from=...)` keeps the saved values, since
+# fine-tuning with another input format or truncation would start from inputs the weights never saw.
+INPUT_SETTINGS = ("input_format", "max_source_length", "max_question_length", "max_passage_length", "title_sep",
+                  "doc_sep")  # how a saved model was trained to read: with retrieved passages, or without
 
 
-def save_rag_model(model: RagModel, out_dir: str | Path, *, mode: str = "rag") -> Path:
+def save_rag_model(model: RagModel, out_dir: str | Path, *, mode: str = "rag",
+                   extra_files: dict[str, str] | None = None) -> Path:
     """Write ``model`` as a RagModel directory (see the module docstring), atomically.
 
     ``mode`` records how it was trained, so that rag-eval evaluates it the same way by default.
+    ``extra_files``: file name -> text written beside the rest (e.g. rag-import's imported_from.json).
     """
     if mode not in MODES:
         raise InputError(f"unknown mode {mode!r}", setting="mode", fix=f"use one of {', '.join(MODES)}")
@@ -46,22 +52,35 @@ def save_rag_model(model: RagModel, out_dir: str | Path, *, mode: str = "rag") -
                     tokenizer.save_pretrained(tmp / name)
         model.generator.save_pretrained(str(tmp / "generator"))
         (tmp / CONFIG_NAME).write_text(json.dumps({**model.settings(), "mode": mode}, indent=2) + "\n")
+        for name, text in (extra_files or {}).items():
+            (tmp / name).write_text(text)
     return Path(out_dir)
 
 
-def load_rag_model(model_dir: str | Path, **overrides: Any) -> RagModel:
-    """Load a directory written by `save_rag_model`; ``overrides`` replace saved settings (e.g. n_docs)."""
+def saved_settings(model_dir: str | Path) -> dict[str, Any]:
+    """The settings of a `save_rag_model` directory (its rag_config.json without "mode").
+
+    Raises InputError when the directory has no readable rag_config.json.
+    """
     model_dir = Path(model_dir)
     config_path = model_dir / CONFIG_NAME
     if not config_path.is_file():
         raise InputError(f"no {CONFIG_NAME} here: not a saved RagModel", path=model_dir,
-                         fix="pass a directory written by save_rag_model (rag-train's <run_dir>/model)")
+                         fix="pass a directory written by save_rag_model (rag-train's <run_dir>/model) "
+                         "or by rag-import")
     try:
         settings = json.loads(config_path.read_text())
     except json.JSONDecodeError as err:
         raise InputError(f"unreadable JSON ({err.msg})", path=config_path, line=err.lineno,
                          fix="re-save the model") from err
     settings.pop("mode", None)  # how it was trained (saved_mode), not a setting of the model
+    return settings
+
+
+def load_rag_model(model_dir: str | Path, **overrides: Any) -> RagModel:
+    """Load a directory written by `save_rag_model`; ``overrides`` replace saved settings (e.g. n_docs)."""
+    model_dir = Path(model_dir)
+    settings = saved_settings(model_dir)
     settings.update(overrides)
     context = model_dir / "context_encoder"
     return build_rag_model(
@@ -99,13 +118,37 @@ def build_rag_model(
     max_target_length: int = 64,
     input_format: str = "question_first",
     loss_reduction: str = "mean",
+    title_sep: str = TITLE_SEP,
+    doc_sep: str = DOC_SEP,
+    init_from: str | None = None,
 ) -> RagModel:
     """Build a RagModel from checkpoint names or local paths (the Hydra ``_target_`` of configs/model/).
 
     ``question_encoder`` / ``context_encoder``: e.g. facebook/dpr-question_encoder-single-nq-base;
     ``generator``: e.g. facebook/bart-large. The context encoder is optional unless
     ``train_context_encoder`` (it is frozen otherwise).
+
+    ``init_from``: a saved RagModel directory (rag-train's <run_dir>/model, or `rag-import` of a
+    released transformers checkpoint) to start from instead: its question encoder, generator and
+    (when a context encoder is asked for and it has one) context encoder replace the checkpoint names,
+    and its `INPUT_SETTINGS` (how the checkpoint reads its inputs) replace the given ones; the training
+    settings (marginalization, n_docs, label smoothing, ...) stay as given. Raises InputError when it is
+    not a saved RagModel.
     """
+    if init_from is not None:
+        saved = saved_settings(init_from)
+        source = Path(init_from)
+        question_encoder, generator = str(source / "question_encoder"), str(source / "generator")
+        if context_encoder is not None and (source / "context_encoder").is_dir():
+            context_encoder = str(source / "context_encoder")
+        reading = {name: saved[name] for name in INPUT_SETTINGS if name in saved}
+        max_source_length = reading.get("max_source_length", max_source_length)
+        max_question_length = reading.get("max_question_length", max_question_length)
+        max_passage_length = reading.get("max_passage_length", max_passage_length)
+        input_format = reading.get("input_format", input_format)
+        title_sep, doc_sep = reading.get("title_sep", title_sep), reading.get("doc_sep", doc_sep)
+        shown = ", ".join(f"{name}={value!r}" for name, value in reading.items())
+        print(f"model: starting from {source} (weights and {shown})")
     for setting, value in (("retriever.question_encoder", question_encoder), ("model.generator", generator)):
         if value is None:
             raise InputError("is null", setting=setting, fix="give a hub name or a local checkpoint directory "
@@ -116,7 +159,7 @@ def build_rag_model(
         c_encoder, c_tokenizer = load_encoder(context_encoder, role="context", pooling=pooling)
     seq2seq, g_tokenizer = load_generator_checkpoint(generator)
     wrapped = Generator(seq2seq, g_tokenizer, max_source_length=max_source_length, max_target_length=max_target_length,
-                        input_format=input_format)
+                        input_format=input_format, title_sep=title_sep, doc_sep=doc_sep)
     return RagModel(
         question_encoder=q_encoder,
         question_tokenizer=q_tokenizer,
