@@ -38,6 +38,8 @@ setup(
             "rag-eval=training.evaluation.eval_cli:main",
             "rag-score=training.evaluation.score_cli:main",
             "rag-ask=decoding.ask_cli:main",
+            "rag-import=rag_models.convert_cli:import_main",
+            "rag-export=rag_models.convert_cli:export_main",
             "rag-demo=training.demo.demo_cli:main",
         ]
     },

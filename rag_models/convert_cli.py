@@ -1,0 +1,80 @@
+"""`rag-import` and `rag-export`: transformers RAG checkpoints <-> our RagModel directories.
+
+    rag-import facebook/rag-sequence-nq --out models/rag-sequence-nq      # hub name (needs network)
+    rag-import path/to/saved_rag_dir --out models/mine [--marginalization token]
+    rag-export runs/nq/<time>/model --out hf/my-rag                       # loads in transformers
+
+See rag_models/transformers_rag.py for what is mapped and what is refused.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from rag_models.errors import InputError
+from rag_models.transformers_rag import PROVENANCE_NAME, export_transformers_rag, import_transformers_rag
+
+
+def _import_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="rag-import", description="Convert a transformers RAG checkpoint "
+                                     "(RagSequenceForGeneration / RagTokenForGeneration / RagModel) to a RagModel "
+                                     "directory that rag-eval, rag-ask and rag-train (init_from=) read.")
+    parser.add_argument("source", help="hub name (facebook/rag-sequence-nq) or a local save_pretrained directory")
+    parser.add_argument("--out", required=True, help="the RagModel directory to write")
+    parser.add_argument("--marginalization", choices=["sequence", "token"], default=None,
+                        help="only for a bare RagModel checkpoint (the architecture decides otherwise)")
+    return parser
+
+
+def _export_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="rag-export", description="Write a RagModel directory as a transformers RAG "
+                                     "checkpoint (RagSequenceForGeneration / RagTokenForGeneration + RagTokenizer).")
+    parser.add_argument("model_dir", help="a RagModel directory (rag-train's <run_dir>/model or rag-import's --out)")
+    parser.add_argument("--out", required=True, help="the transformers directory to write")
+    parser.add_argument("--allow-input-format-change", action="store_true",
+                        help="export a model trained with input_format question_first although transformers' "
+                        "RagRetriever will feed it 'title / text // question'")
+    return parser
+
+
+def _run(prog: str, action) -> None:
+    """Run ``action``; an InputError becomes one line on stderr and exit status 2."""
+    try:
+        action()
+    except InputError as err:
+        print(f"{prog}: error: {err}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+def import_main(argv: list[str] | None = None) -> None:
+    """Console entry point of ``rag-import``."""
+    args = _import_parser().parse_args(argv)
+
+    def action() -> None:
+        out = import_transformers_rag(args.source, args.out, marginalization=args.marginalization)
+        settings = json.loads((out / "rag_config.json").read_text())
+        provenance = json.loads((out / PROVENANCE_NAME).read_text())
+        print(f"rag-import: {args.source} -> {out}: RAG-{settings['marginalization'].capitalize()}, "
+              f"n_docs {settings['n_docs']}, input_format transformers, max_source_length "
+              f"{settings['max_source_length']}")
+        print(f"rag-import: transformers would decode with {provenance['generation']} "
+              "(rag-eval decodes with its decoding group: set decoding.num_beams / decoding.max_length to match)")
+        index = provenance["index"]
+        print(f"rag-import: published with index {index.get('dataset')} ({index.get('index_name')}); build ours with "
+              "rag-build-index --from-dataset (README: Reproduce Lewis et al. with the released checkpoints)")
+
+    _run("rag-import", action)
+
+
+def export_main(argv: list[str] | None = None) -> None:
+    """Console entry point of ``rag-export``."""
+    args = _export_parser().parse_args(argv)
+
+    def action() -> None:
+        out = export_transformers_rag(Path(args.model_dir), args.out,
+                                      allow_input_format_change=args.allow_input_format_change)
+        print(f"rag-export: {args.model_dir} -> {out} (RagTokenizer + RagSequence/TokenForGeneration.from_pretrained)")
+
+    _run("rag-export", action)
