@@ -24,6 +24,7 @@ setup(
         "numpy>=1.26",
         "tqdm>=4.66",
         "psutil>=5.9",
+        "pypdf>=5.0",  # rag-build-index --documents: text of PDF pages (pure Python)
     ],
     extras_require={
         "dev": ["pytest>=8", "ruff>=0.15"],

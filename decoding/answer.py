@@ -66,10 +66,13 @@ class Answer:
     posteriors: list[float]
     alternatives: list["Answer"] = field(default_factory=list)
 
+    def supporting_positions(self, n: int = 3) -> list[int]:
+        """Positions k (into doc_ids, titles, posteriors) of the `n` passages that best explain the answer."""
+        return sorted(range(len(self.posteriors)), key=lambda k: -self.posteriors[k])[:n]
+
     def supporting(self, n: int = 3) -> list[tuple[str, float]]:
         """The titles of the `n` passages that best explain the answer, with their posteriors."""
-        ranked = sorted(zip(self.titles, self.posteriors), key=lambda pair: -pair[1])
-        return ranked[:n]
+        return [(self.titles[k], self.posteriors[k]) for k in self.supporting_positions(n)]
 
 
 @dataclass(frozen=True)

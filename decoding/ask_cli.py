@@ -5,13 +5,17 @@
 
 Questions come from the arguments, or else one per line from stdin (each answered as soon
 as it is read, so it also works interactively). Each answer is printed with its score and
-the titles of the passages that best explain it (highest p(z|x,y)).
+the titles of the passages that best explain it (highest p(z|x,y)), each followed by its
+source file and page when the index was built from documents (rag-build-index --documents):
+
+    A: Elsa Tarn    [score -0.412]
+       from: Marrowick history (0.71) [notes/history.pdf#page=3], Towns (0.20) [notes/towns.md]
 """
 from __future__ import annotations
 
 import argparse
 import sys
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import TextIO
 
 import torch
@@ -47,12 +51,25 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def format_answer(question: str, found: Answer, top_docs: int) -> str:
-    """Question, answer(s) with scores, and the best-supporting passage titles."""
+def _support(candidate: Answer, top_docs: int, sources: Sequence[str]) -> str:
+    """``title (p) [source], ...`` for the best-supporting passages; no brackets where the source is unknown."""
+    shown = []
+    for k in candidate.supporting_positions(top_docs):
+        source = sources[k] if k < len(sources) else ""
+        shown.append(f"{candidate.titles[k]} ({candidate.posteriors[k]:.2f})" + (f" [{source}]" if source else ""))
+    return ", ".join(shown)
+
+
+def format_answer(question: str, found: Answer, top_docs: int, sources: Sequence[str] = ()) -> str:
+    """Question, answer(s) with scores, and the best-supporting passage titles.
+
+    ``sources``: where each of ``found.doc_ids`` came from (e.g. ``notes/report.pdf#page=3``), shown in
+    brackets after its title; empty (or "" for a passage) when unknown.
+    """
     lines = [f"Q: {question}"]
-    for rank, candidate in enumerate([found, *found.alternatives]):
+    for rank, candidate in enumerate([found, *found.alternatives]):  # alternatives read the same docs
         label = "A:" if rank == 0 else f"{rank + 1}."
-        support = ", ".join(f"{title} ({p:.2f})" for title, p in candidate.supporting(top_docs))
+        support = _support(candidate, top_docs, sources)
         lines.append(f"{label} {candidate.text}    [score {candidate.score:.3f}]")
         lines.append(f"   from: {support}")
     return "\n".join(lines)
@@ -75,12 +92,16 @@ def settings_from_args(args: argparse.Namespace) -> DecodingSettings:
 
 
 def ask(questions: Iterable[str], retriever: RetrieverLike, model: RagModel, settings: DecodingSettings,
-        top_docs: int, out: TextIO) -> int:
-    """Answer and print each question as soon as it is read; returns how many were answered."""
+        top_docs: int, out: TextIO, sources: Callable[[list[int]], list[str]] | None = None) -> int:
+    """Answer and print each question as soon as it is read; returns how many were answered.
+
+    ``sources``: passage store rows -> where they came from (`PassageStore.sources`); None: titles only.
+    """
     count = 0
     for question in questions:
         found = answer([question], retriever, model, settings, progress=False)[0]
-        print(format_answer(question, found, top_docs), file=out, flush=True)
+        shown = sources(found.doc_ids) if sources else ()
+        print(format_answer(question, found, top_docs, shown), file=out, flush=True)
         count += 1
     return count
 
@@ -98,7 +119,7 @@ def main(argv: list[str] | None = None) -> int:
                               ef_search=args.ef_search, refine=args.refine, mmap=args.mmap)
         retriever = index.open()
         ask(_questions(args.questions, sys.stdin), retriever, model, settings_from_args(args), args.top_docs,
-            sys.stdout)
+            sys.stdout, sources=retriever.passages.sources)
     except InputError as err:
         print(f"rag-ask: {err}", file=sys.stderr)
         return 2

@@ -3,7 +3,11 @@
     rag-build-index --passages psgs_w100.tsv --encoder facebook/dpr-ctx_encoder-single-nq-base \\
         --out indexes/wiki --factory IVF4096,PQ64 --device cuda --fp16
 
-writes OUT/passages (the store), OUT/shards (encoding, resumable; removed at the
+    rag-build-index --documents notes/ papers/report.pdf --encoder runs/<run>/model/context_encoder --out indexes/mine
+
+--documents splits your own .txt, .md and .pdf files (folders expand recursively)
+into 100-word passages that keep their source file and page (index/documents.py).
+Either way it writes OUT/passages (the store), OUT/shards (encoding, resumable; removed at the
 end unless --keep-shards) and OUT/index (manifest, index.faiss, vectors.npy,
 pointing at ../passages). Re-running after a kill resumes the encoding; re-running
 after success with another --factory rebuilds only the faiss index. Under
@@ -17,11 +21,13 @@ import shutil
 import sys
 import time
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 import torch
 import torch.distributed as dist
 
+from index.documents import document_files, documents_fingerprint, iter_document_passages
 from index.encode import encode_corpus, load_shards, make_embed_fn, resolve_rank
 from index.faiss_index import DenseIndex
 from index.manifest import IndexManifest
@@ -51,6 +57,21 @@ def _passage_store(passages: Path, out: Path, progress: bool) -> PassageStore:
     return PassageStore.build(passages, out, progress=progress)
 
 
+def _documents_store(documents: Sequence[str | Path], out: Path, progress: bool) -> PassageStore:
+    """The store at ``out``, built from the ``documents`` unless a store of that same set of files is already there."""
+    files = document_files(documents)
+    fingerprint = documents_fingerprint(files)
+    if (out / "meta.json").is_file():
+        store = PassageStore.open(out)
+        if store.meta.get("source") == fingerprint:
+            return store
+        raise InputError(
+            "holds a passage store built from other files (or other versions of them)", path=out,
+            fix="Use a new --out directory, or delete this one to rebuild it from the documents given now")
+    return PassageStore.from_passages(iter_document_passages(files, progress=progress), out, progress=False,
+                                      source=fingerprint)
+
+
 def _reusable_vectors(index_dir: Path, store: PassageStore, encoder: str) -> np.ndarray | None:
     """vectors.npy of a finished index over the same passages and encoder, else None."""
     if not (index_dir / "manifest.json").is_file():
@@ -73,7 +94,7 @@ def _encode(store: PassageStore, out: Path, *, encoder: str, batch_size: int, sh
 
 
 def build_index(
-    passages: str | Path,
+    passages: str | Path | None,
     encoder: str | Path,
     out: str | Path,
     *,
@@ -86,15 +107,21 @@ def build_index(
     train_sample: int = 200_000,
     keep_shards: bool = False,
     progress: bool = True,
+    documents: Sequence[str | Path] = (),
 ) -> Path:
     """Build (or resume, or reuse) the index of ``passages`` under ``out``; returns ``out/index``.
 
     factory: a faiss factory string (Flat, HNSW32, IVF4096,PQ64) or "exact" (vectors only, torch backend).
+    documents: text / Markdown / PDF files or folders to split into passages instead (``passages`` None).
     """
     started, out, encoder = time.time(), Path(out), str(encoder)
     index_dir = out / "index"
     rank, world = resolve_rank(None, None)
-    store = _passage_store(Path(passages), out / "passages", progress) if rank == 0 else None
+    store = None
+    if rank == 0 and documents:
+        store = _documents_store(documents, out / "passages", progress)
+    elif rank == 0:
+        store = _passage_store(Path(passages), out / "passages", progress)
     if world > 1:
         dist.barrier()  # rank 0 built the store; the others open it
         store = store or PassageStore.open(out / "passages")
@@ -129,7 +156,10 @@ def build_index(
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="rag-build-index", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--passages", required=True, help="DPR psgs_w100.tsv(.gz) or JSONL {id,title,text}")
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--passages", help="DPR psgs_w100.tsv(.gz) or JSONL {id,title,text}")
+    source.add_argument("--documents", nargs="+", metavar="PATH",
+                        help="your .txt / .md / .pdf files or folders, split into 100-word passages")
     parser.add_argument("--encoder", required=True, help="context encoder: hub name or local checkpoint directory")
     parser.add_argument("--out", required=True, help="output directory (passages/, index/)")
     parser.add_argument("--factory", default="Flat", help="faiss factory (Flat, HNSW32, IVF4096,PQ64) or 'exact'")
@@ -162,7 +192,8 @@ def main(argv: list[str] | None = None) -> None:
         device = _init_distributed(args.device)
         build_index(args.passages, args.encoder, args.out, factory=args.factory, batch_size=args.batch_size,
                     shard_size=args.shard_size, max_length=args.max_length, fp16=args.fp16, device=device,
-                    train_sample=args.train_sample, keep_shards=args.keep_shards, progress=not args.no_progress)
+                    train_sample=args.train_sample, keep_shards=args.keep_shards, progress=not args.no_progress,
+                    documents=args.documents or ())
     except InputError as err:
         print(f"rag-build-index: error: {err}", file=sys.stderr)
         raise SystemExit(2) from None

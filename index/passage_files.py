@@ -23,11 +23,16 @@ _JSONL_SUFFIXES = (".jsonl", ".jsonl.gz")
 
 @dataclass(frozen=True)
 class Passage:
-    """One retrievable unit: an id (kept as a string), a title and a text."""
+    """One retrievable unit: an id (kept as a string), a title, a text and, optionally, where it came from.
+
+    ``source`` names the passage's origin for people (e.g. ``notes/report.pdf#page=3``); "" when unknown.
+    DPR's TSV and JSONL files carry none; `index.documents` fills it.
+    """
 
     id: str
     title: str
     text: str
+    source: str = ""
 
 
 def passage_format(path: str | Path) -> str:

@@ -7,10 +7,17 @@ Built once from DPR's TSV or JSONL into a directory:
     texts.bin  / texts.off    the same for the texts
     ids.bin    / ids.off      the ids as strings (omitted when ids are consecutive integers)
     id_hash.u64 / id_row.i64  sorted 64-bit id hashes and their rows (only for non-integer ids)
+    sources.bin / sources.off where each passage came from, e.g. ``notes/report.pdf#page=3`` (only when
+                              some passage has a source; meta.json then says ``"sources": true``)
 
 Opening maps the files and reads meta.json: time and RAM do not grow with the
 corpus. DPR's ids are the integers 1..N, so `row_of` is one subtraction; other
 ids go through a sorted hash table on disk (binary search over a memmap).
+
+The checksum covers ids, titles and texts (what the index encodes), not the
+sources: provenance does not change a vector. Stores without sources are
+written exactly as before the column existed, and older stores open as stores
+without sources.
 """
 from __future__ import annotations
 
@@ -29,7 +36,8 @@ from rag_models.errors import InputError
 
 STORE_VERSION = 1
 _FLUSH_EVERY = 65536  # records buffered before a write: bounded RAM, few syscalls
-_FIELDS = ("ids", "titles", "texts")
+_FIELDS = ("ids", "titles", "texts")  # the checksummed columns
+_SOURCES = "sources"  # optional provenance column, outside the checksum
 
 
 class _ColumnWriter:
@@ -99,6 +107,8 @@ class PassageStore:
         self.meta: dict = json.loads(meta_path.read_text(encoding="utf-8"))
         self._count = int(self.meta["count"])
         self._columns = {name: self._open_column(name) for name in _FIELDS if name != "ids" or not self._range_ids}
+        if self.has_sources:
+            self._columns[_SOURCES] = self._open_column(_SOURCES)
         if not self._range_ids:
             self._hashes = np.memmap(self.directory / "id_hash.u64", dtype=np.uint64, mode="r", shape=(self._count,))
             self._hash_rows = np.memmap(self.directory / "id_row.i64", dtype=np.int64, mode="r", shape=(self._count,))
@@ -106,6 +116,11 @@ class PassageStore:
     @property
     def _range_ids(self) -> bool:
         return self.meta["id_mode"] == "range"
+
+    @property
+    def has_sources(self) -> bool:
+        """Whether the store keeps a source per passage (False for stores built from TSV / JSONL)."""
+        return bool(self.meta.get(_SOURCES))
 
     def _open_column(self, name: str) -> tuple[np.ndarray, np.ndarray]:
         offsets = np.memmap(self.directory / f"{name}.off", dtype=np.int64, mode="r")  # (N+1,)
@@ -137,9 +152,10 @@ class PassageStore:
             meta = _write_columns(passages, tmp, progress)
             if meta["id_mode"] == "hash":
                 _write_id_table(tmp, meta["count"])
-            else:
-                for suffix in ("bin", "off"):  # ids are implied by their rows
-                    (tmp / f"ids.{suffix}").unlink()
+            unused = ([] if meta["id_mode"] == "hash" else ["ids"]) + ([] if meta.get(_SOURCES) else [_SOURCES])
+            for name in unused:  # ids implied by their rows; no passage with a source
+                for suffix in ("bin", "off"):
+                    (tmp / f"{name}.{suffix}").unlink()
             meta.update(version=STORE_VERSION, source=source, created=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
             (tmp / "meta.json").write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
         return cls(out_dir)
@@ -181,9 +197,16 @@ class PassageStore:
             return [str(start + row) for row in self._check_rows(rows).tolist()]
         return self._strings("ids", rows)
 
+    def sources(self, rows: Sequence[int] | np.ndarray) -> list[str]:
+        """Where the given rows came from (e.g. ``notes/report.pdf#page=3``); "" each when the store has none."""
+        if not self.has_sources:
+            return [""] * len(self._check_rows(rows))
+        return self._strings(_SOURCES, rows)
+
     def get(self, row: int) -> Passage:
         """The passage at ``row`` (0-based position in the source file)."""
-        return Passage(id=self.ids([row])[0], title=self.titles([row])[0], text=self.texts([row])[0])
+        return Passage(id=self.ids([row])[0], title=self.titles([row])[0], text=self.texts([row])[0],
+                       source=self.sources([row])[0])
 
     def row_of(self, pid: str) -> int:
         """Row of the passage whose id is ``pid``; KeyError if there is none."""
@@ -205,10 +228,10 @@ class PassageStore:
 
 
 def _write_columns(passages: Iterable[Passage], directory: Path, progress: bool) -> dict:
-    """Stream passages into the three columns; returns count, checksum and the id scheme."""
-    writers = {name: _ColumnWriter(directory, name) for name in _FIELDS}
+    """Stream passages into the columns; returns count, checksum, the id scheme and whether any has a source."""
+    writers = {name: _ColumnWriter(directory, name) for name in (*_FIELDS, _SOURCES)}
     digest = hashlib.blake2b(digest_size=16)
-    count, start, consecutive = 0, None, True
+    count, start, consecutive, any_source = 0, None, True, False
     for passage in tqdm(passages, desc="passage store", unit=" psg", unit_scale=True, disable=not progress):
         if not passage.id:
             raise InputError(f"passage #{count + 1} has an empty id", setting="passages",
@@ -219,6 +242,8 @@ def _write_columns(passages: Iterable[Passage], directory: Path, progress: bool)
             # Lengths first, so ("ab", "c") and ("a", "bc") never hash alike.
             digest.update(len(data).to_bytes(8, "little"))
             digest.update(data)
+        writers[_SOURCES].append(passage.source.encode("utf-8"))  # not in the checksum: provenance only
+        any_source = any_source or bool(passage.source)
         if consecutive:
             if start is None:
                 consecutive = passage.id.lstrip("-").isdigit() and str(int(passage.id)) == passage.id
@@ -231,8 +256,11 @@ def _write_columns(passages: Iterable[Passage], directory: Path, progress: bool)
     if count == 0:
         raise InputError("no passages to store", setting="passages", fix="Pass a non-empty passage file")
     mode = "range" if consecutive else "hash"
-    return {"count": count, "checksum": f"blake2b:{digest.hexdigest()}", "id_mode": mode,
+    meta = {"count": count, "checksum": f"blake2b:{digest.hexdigest()}", "id_mode": mode,
             "id_start": start if consecutive else None}
+    if any_source:  # stores without sources keep exactly the meta.json they always had
+        meta[_SOURCES] = True
+    return meta
 
 
 def _write_id_table(directory: Path, count: int) -> None:

@@ -126,3 +126,35 @@ def test_empty_texts_and_titles(tmp_path):
     corpus = [Passage(id=str(i), title="", text="") for i in range(5)]
     store = PassageStore.from_passages(corpus, tmp_path / "s", progress=False)
     assert store.titles([0, 4]) == ["", ""] and store.get(2) == corpus[2]
+
+
+# Built by the store code before the sources column existed: stores without sources must not change.
+CHECKSUM_BEFORE_SOURCES = "blake2b:0583fad6a1003c12705dca3b82b797e8"  # _corpus(20)
+
+
+def test_store_without_sources_is_written_as_before(tmp_path):
+    store = PassageStore.from_passages(_corpus(20), tmp_path / "s", progress=False)
+    assert store.checksum == CHECKSUM_BEFORE_SOURCES
+    assert sorted(p.name for p in (tmp_path / "s").iterdir()) == [
+        "meta.json", "texts.bin", "texts.off", "titles.bin", "titles.off"]
+    assert "sources" not in store.meta and not store.has_sources
+    assert store.sources([0, 19, 0]) == ["", "", ""] and store.get(5).source == ""
+    with pytest.raises(IndexError):
+        store.sources([20])
+
+
+def test_sources_round_trip_outside_the_checksum(tmp_path):
+    corpus = _corpus(20, prefix="doc#")
+    sourced = [Passage(p.id, p.title, p.text, source="" if i == 2 else f"notes/ré {i}.pdf#page={i}")
+               for i, p in enumerate(corpus)]
+    store = PassageStore.from_passages(sourced, tmp_path / "s", progress=False)
+    assert store.has_sources and json.loads((tmp_path / "s" / "meta.json").read_text())["sources"] is True
+    assert (tmp_path / "s" / "sources.bin").is_file()
+    assert store.sources([3, 2, 0]) == ["notes/ré 3.pdf#page=3", "", "notes/ré 0.pdf#page=0"]
+    assert [store.get(row) for row in range(20)] == sourced
+    assert store.row_of("doc#8") == 7  # ids doc#1..doc#20
+    # Provenance is not content: the same passages without sources have the same checksum.
+    plain = PassageStore.from_passages(corpus, tmp_path / "plain", progress=False)
+    assert plain.checksum == store.checksum
+    reopened = PassageStore.open(tmp_path / "s")
+    assert reopened.sources([19]) == ["notes/ré 19.pdf#page=19"]
