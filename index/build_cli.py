@@ -22,21 +22,11 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from index.builders import build_from_vectors
 from index.encode import encode_corpus, load_shards, make_embed_fn, resolve_rank
-from index.faiss_index import DenseIndex
 from index.manifest import IndexManifest
 from index.passages import PassageStore, source_fingerprint
-from index.torch_index import EXACT_FACTORY, TorchIndex
 from rag_models.errors import InputError
-
-
-def _build_exact(vectors: np.ndarray, *, encoder: str, passages: PassageStore, **_unused) -> TorchIndex:
-    """Vectors only: served by the exact torch backend (no faiss index held in RAM at build time)."""
-    return TorchIndex.build(vectors, encoder=encoder, passages=passages)
-
-
-# factory string -> builder; anything not listed is a faiss factory string.
-_BUILDERS = {EXACT_FACTORY: _build_exact}
 
 
 def _passage_store(passages: Path, out: Path, progress: bool) -> PassageStore:
@@ -113,9 +103,8 @@ def build_index(
         vectors = existing
         if vectors is None:  # (N, D), concatenated from the shards into one file
             vectors = load_shards(out / "shards", out_path=out / "shards" / "vectors.npy")
-        builder = _BUILDERS.get(factory, DenseIndex.build)
-        index = builder(vectors, factory=factory, encoder=encoder, passages=store, train_sample=train_sample,
-                        progress=progress)
+        index = build_from_vectors(vectors, factory=factory, encoder=encoder, passages=store,
+                                   train_sample=train_sample, progress=progress)
         index.save(index_dir, passages_path=out / "passages")
         if not keep_shards:
             shutil.rmtree(out / "shards", ignore_errors=True)  # the index holds a hard link to vectors.npy
