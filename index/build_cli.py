@@ -7,7 +7,9 @@ writes OUT/passages (the store), OUT/shards (encoding, resumable; removed at the
 end unless --keep-shards) and OUT/index (manifest, index.faiss, vectors.npy,
 pointing at ../passages). Re-running after a kill resumes the encoding; re-running
 after success with another --factory rebuilds only the faiss index. Under
-torchrun every rank encodes its shards and rank 0 builds the index.
+torchrun every rank encodes its shards and rank 0 builds the index. With
+--from-dataset SRC the passages come with their embeddings and nothing is
+encoded (index/dataset_import.py).
 """
 from __future__ import annotations
 
@@ -23,6 +25,7 @@ import torch
 import torch.distributed as dist
 
 from index.builders import build_from_vectors
+from index.dataset_import import import_dataset
 from index.encode import encode_corpus, load_shards, make_embed_fn, resolve_rank
 from index.manifest import IndexManifest
 from index.passages import PassageStore, source_fingerprint
@@ -118,8 +121,8 @@ def build_index(
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="rag-build-index", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--passages", required=True, help="DPR psgs_w100.tsv(.gz) or JSONL {id,title,text}")
-    parser.add_argument("--encoder", required=True, help="context encoder: hub name or local checkpoint directory")
+    parser.add_argument("--passages", help="DPR psgs_w100.tsv(.gz) or JSONL {id,title,text}")
+    parser.add_argument("--encoder", help="context encoder: hub name or local checkpoint directory")
     parser.add_argument("--out", required=True, help="output directory (passages/, index/)")
     parser.add_argument("--factory", default="Flat", help="faiss factory (Flat, HNSW32, IVF4096,PQ64) or 'exact'")
     parser.add_argument("--batch-size", type=int, default=128, help="passages per encoder forward")
@@ -130,7 +133,34 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda if available)")
     parser.add_argument("--keep-shards", action="store_true", help="keep OUT/shards after the index is built")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars (logs)")
+    _add_dataset_options(parser)
     return parser
+
+
+def _add_dataset_options(parser: argparse.ArgumentParser) -> None:
+    """--from-dataset SRC (instead of --passages) and --faiss-index FILE; see index/dataset_import.py."""
+    parser.add_argument("--from-dataset", metavar="SRC", help="instead of --passages: import passages with their "
+                        "embeddings (no encoding) from a Dataset.save_to_disk directory, parquet or .arrow file(s), "
+                        "or hf:NAME[:CONFIG[:SPLIT]]; --encoder is then only a label for the manifest")
+    parser.add_argument("--faiss-index", metavar="FILE", help="with --from-dataset: reuse this inner-product faiss "
+                        "index of the same rows instead of building one (then open it with index.factory=null)")
+
+
+def _check_sources(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Exactly one of --passages / --from-dataset; --encoder with --passages; --faiss-index with --from-dataset."""
+    if (args.passages is None) == (args.from_dataset is None):
+        parser.error("give exactly one of --passages FILE or --from-dataset SRC")
+    if args.passages is not None and args.encoder is None:
+        parser.error("--passages needs --encoder (the context encoder that embeds the passages)")
+    if args.faiss_index is not None and args.from_dataset is None:
+        parser.error("--faiss-index goes only with --from-dataset")
+
+
+def _import(args: argparse.Namespace) -> None:
+    """rag-build-index --from-dataset: no encoder, no devices, one process."""
+    import_dataset(args.from_dataset, args.out, factory=args.factory, faiss_index=args.faiss_index,
+                   encoder=args.encoder, shard_size=args.shard_size, train_sample=args.train_sample,
+                   keep_shards=args.keep_shards, progress=not args.no_progress)
 
 
 def _init_distributed(device: str | None) -> str:
@@ -146,8 +176,13 @@ def _init_distributed(device: str | None) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     """Console entry point of ``rag-build-index``."""
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    args = parser.parse_args(argv)
+    _check_sources(parser, args)
     try:
+        if args.from_dataset is not None:
+            _import(args)
+            return
         device = _init_distributed(args.device)
         build_index(args.passages, args.encoder, args.out, factory=args.factory, batch_size=args.batch_size,
                     shard_size=args.shard_size, max_length=args.max_length, fp16=args.fp16, device=device,
