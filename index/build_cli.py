@@ -11,7 +11,9 @@ Either way it writes OUT/passages (the store), OUT/shards (encoding, resumable; 
 end unless --keep-shards) and OUT/index (manifest, index.faiss, vectors.npy,
 pointing at ../passages). Re-running after a kill resumes the encoding; re-running
 after success with another --factory rebuilds only the faiss index. Under
-torchrun every rank encodes its shards and rank 0 builds the index.
+torchrun every rank encodes its shards and rank 0 builds the index. With
+--from-dataset SRC the passages come with their embeddings and nothing is
+encoded (index/dataset_import.py).
 """
 from __future__ import annotations
 
@@ -27,22 +29,13 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from index.builders import build_from_vectors
+from index.dataset_import import import_dataset
 from index.documents import document_files, documents_fingerprint, iter_document_passages
 from index.encode import encode_corpus, load_shards, make_embed_fn, resolve_rank
-from index.faiss_index import DenseIndex
 from index.manifest import IndexManifest
 from index.passages import PassageStore, source_fingerprint
-from index.torch_index import EXACT_FACTORY, TorchIndex
 from rag_models.errors import InputError
-
-
-def _build_exact(vectors: np.ndarray, *, encoder: str, passages: PassageStore, **_unused) -> TorchIndex:
-    """Vectors only: served by the exact torch backend (no faiss index held in RAM at build time)."""
-    return TorchIndex.build(vectors, encoder=encoder, passages=passages)
-
-
-# factory string -> builder; anything not listed is a faiss factory string.
-_BUILDERS = {EXACT_FACTORY: _build_exact}
 
 
 def _passage_store(passages: Path, out: Path, progress: bool) -> PassageStore:
@@ -140,9 +133,8 @@ def build_index(
         vectors = existing
         if vectors is None:  # (N, D), concatenated from the shards into one file
             vectors = load_shards(out / "shards", out_path=out / "shards" / "vectors.npy")
-        builder = _BUILDERS.get(factory, DenseIndex.build)
-        index = builder(vectors, factory=factory, encoder=encoder, passages=store, train_sample=train_sample,
-                        progress=progress)
+        index = build_from_vectors(vectors, factory=factory, encoder=encoder, passages=store,
+                                   train_sample=train_sample, progress=progress)
         index.save(index_dir, passages_path=out / "passages")
         if not keep_shards:
             shutil.rmtree(out / "shards", ignore_errors=True)  # the index holds a hard link to vectors.npy
@@ -160,7 +152,8 @@ def _parser() -> argparse.ArgumentParser:
     source.add_argument("--passages", help="DPR psgs_w100.tsv(.gz) or JSONL {id,title,text}")
     source.add_argument("--documents", nargs="+", metavar="PATH",
                         help="your .txt / .md / .pdf files or folders, split into 100-word passages")
-    parser.add_argument("--encoder", required=True, help="context encoder: hub name or local checkpoint directory")
+    parser.add_argument("--encoder", help="context encoder: hub name or local checkpoint directory "
+                        "(required, except with --from-dataset)")
     parser.add_argument("--out", required=True, help="output directory (passages/, index/)")
     parser.add_argument("--factory", default="Flat", help="faiss factory (Flat, HNSW32, IVF4096,PQ64) or 'exact'")
     parser.add_argument("--batch-size", type=int, default=128, help="passages per encoder forward")
@@ -171,7 +164,32 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda if available)")
     parser.add_argument("--keep-shards", action="store_true", help="keep OUT/shards after the index is built")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars (logs)")
+    _add_dataset_options(parser, source)
     return parser
+
+
+def _add_dataset_options(parser: argparse.ArgumentParser, source: argparse._MutuallyExclusiveGroup) -> None:
+    """--from-dataset SRC (instead of --passages) and --faiss-index FILE; see index/dataset_import.py."""
+    source.add_argument("--from-dataset", metavar="SRC", help="instead of --passages: import passages with their "
+                        "embeddings (no encoding) from a Dataset.save_to_disk directory, parquet or .arrow file(s), "
+                        "or hf:NAME[:CONFIG[:SPLIT]]; --encoder is then only a label for the manifest")
+    parser.add_argument("--faiss-index", metavar="FILE", help="with --from-dataset: reuse this inner-product faiss "
+                        "index of the same rows instead of building one (then open it with index.factory=null)")
+
+
+def _check_sources(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """--encoder unless --from-dataset; --faiss-index only with --from-dataset (argparse: one source exactly)."""
+    if args.from_dataset is None and args.encoder is None:
+        parser.error("--passages / --documents need --encoder (the context encoder that embeds the passages)")
+    if args.faiss_index is not None and args.from_dataset is None:
+        parser.error("--faiss-index goes only with --from-dataset")
+
+
+def _import(args: argparse.Namespace) -> None:
+    """rag-build-index --from-dataset: no encoder, no devices, one process."""
+    import_dataset(args.from_dataset, args.out, factory=args.factory, faiss_index=args.faiss_index,
+                   encoder=args.encoder, shard_size=args.shard_size, train_sample=args.train_sample,
+                   keep_shards=args.keep_shards, progress=not args.no_progress)
 
 
 def _init_distributed(device: str | None) -> str:
@@ -187,8 +205,13 @@ def _init_distributed(device: str | None) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     """Console entry point of ``rag-build-index``."""
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    args = parser.parse_args(argv)
+    _check_sources(parser, args)
     try:
+        if args.from_dataset is not None:
+            _import(args)
+            return
         device = _init_distributed(args.device)
         build_index(args.passages, args.encoder, args.out, factory=args.factory, batch_size=args.batch_size,
                     shard_size=args.shard_size, max_length=args.max_length, fp16=args.fp16, device=device,

@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from pathlib import Path
-from typing import Callable
+from typing import BinaryIO, Callable
 
 import numpy as np
 import torch
@@ -49,9 +50,12 @@ def shard_path(out_dir: Path, number: int) -> Path:
     return out_dir / f"shard_{number:05d}.npy"
 
 
-def _check_plan(out_dir: Path, store: PassageStore, shard_size: int, encoder_name: str | None) -> None:
-    """Write ``encoding.json`` (or check an existing one): a resume must cut the same shards of the same store."""
-    plan = {"count": len(store), "shard_size": shard_size, "passages_checksum": store.checksum, "encoder": encoder_name}
+def check_plan(out_dir: Path, plan: dict) -> None:
+    """Write ``plan`` as ``encoding.json``, or check an existing one: a resume must cut the same shards of N rows.
+
+    ``plan`` needs ``count`` (N) and ``shard_size`` (what `load_shards` reads), plus whatever identifies where
+    the vectors come from. Raises InputError when ``out_dir`` holds shards of another plan.
+    """
     path = out_dir / PLAN_NAME
     if path.is_file():
         old = json.loads(path.read_text(encoding="utf-8"))
@@ -96,7 +100,7 @@ def _encode_shard(store: PassageStore, embed: EmbedFn, start: int, end: int, bat
     return np.concatenate(pieces)  # (end - start, D)
 
 
-def _publish_shard(out_dir: Path, number: int, start: int, vectors: np.ndarray) -> Path:
+def publish_shard(out_dir: Path, number: int, start: int, vectors: np.ndarray) -> Path:
     """Write the array (temp + replace), then its sidecar: the sidecar is the 'done' mark."""
     path = shard_path(out_dir, number)
     atomic_save_npy(path, vectors)
@@ -127,7 +131,8 @@ def encode_corpus(
         raise InputError(f"batch_size={batch_size}", setting="batch_size", fix="Use a positive batch size")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    _check_plan(out_dir, store, shard_size, encoder_name)
+    check_plan(out_dir, {"count": len(store), "shard_size": shard_size, "passages_checksum": store.checksum,
+                         "encoder": encoder_name})
     mine = [(n, s, e) for n, (s, e) in enumerate(shard_ranges(len(store), shard_size)) if n % world_size == rank]
     todo = [(n, s, e) for n, s, e in mine if not shard_done(out_dir, n, s, e)]
     total = sum(e - s for _, s, e in mine)
@@ -135,7 +140,7 @@ def encode_corpus(
     with tqdm(total=total, initial=done_rows, desc=f"encode rank {rank}/{world_size}", unit=" psg",
               unit_scale=True, disable=not progress) as bar:
         for number, start, end in todo:
-            _publish_shard(out_dir, number, start, _encode_shard(store, embed, start, end, batch_size, bar))
+            publish_shard(out_dir, number, start, _encode_shard(store, embed, start, end, batch_size, bar))
     return [shard_path(out_dir, n) for n, _, _ in mine]
 
 
@@ -158,34 +163,49 @@ def load_shards(out_dir: str | Path, out_path: str | Path | None = None) -> np.n
         shown = ", ".join(shard_path(out_dir, n).name for n in missing[:5]) + (" ..." if len(missing) > 5 else "")
         raise InputError(f"{len(missing)} of {len(ranges)} shards are missing or unfinished: {shown}",
                          path=out_dir, fix="Re-run the encoding with the same arguments: it resumes and fills them in")
-    shards = [np.load(shard_path(out_dir, n), mmap_mode="r") for n in range(len(ranges))]  # each (rows, D)
-    dims = {shard.shape[1] for shard in shards}
+    paths = [shard_path(out_dir, n) for n in range(len(ranges))]
+    dims = {int(json.loads(path.with_suffix(".json").read_text(encoding="utf-8"))["dim"]) for path in paths}
     if len(dims) != 1:
         raise InputError(f"shards have different dimensions {sorted(dims)}", path=out_dir,
                          fix="They came from different encoders; delete the directory and encode again")
     if out_path is None:
-        return np.concatenate(shards)  # (N, D)
-    return _write_concatenated(shards, Path(out_path), plan["count"], dims.pop())
+        return np.concatenate([np.load(path, mmap_mode="r") for path in paths])  # (N, D)
+    return _write_concatenated(paths, Path(out_path), plan["count"], dims.pop())
 
 
-def _write_concatenated(shards: list[np.ndarray], out_path: Path, count: int, dim: int) -> np.ndarray:
-    """Copy shards one by one into a temp ``.npy`` memmap, then rename it to ``out_path``."""
+def _write_concatenated(paths: list[Path], out_path: Path, count: int, dim: int) -> np.ndarray:
+    """Append the shards' bytes one file at a time to a temp ``.npy``, then rename it to ``out_path``.
+
+    Plain file reads and writes, not memmaps: the pages of a mapped 60 GB file would count in this process's
+    resident memory; copying through a 16 MB buffer keeps it flat whatever N.
+    """
     tmp = out_path.with_name(f".{out_path.name}.tmp-{os.getpid()}")
     try:
-        merged = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=(count, dim))  # (N, D)
-        row = 0
-        for shard in tqdm(shards, desc="merge shards", unit=" shard", disable=len(shards) < 10):
-            merged[row:row + shard.shape[0]] = shard
-            row += shard.shape[0]
-        merged.flush()
-        del merged
-        with open(tmp, "rb") as handle:
-            os.fsync(handle.fileno())
+        with open(tmp, "wb") as merged:
+            header = {"descr": np.lib.format.dtype_to_descr(np.dtype(np.float32)), "fortran_order": False,
+                      "shape": (count, dim)}
+            np.lib.format.write_array_header_1_0(merged, header)  # as np.save writes it
+            for path in tqdm(paths, desc="merge shards", unit=" shard", disable=len(paths) < 10):
+                with open(path, "rb") as shard:
+                    _skip_npy_header(shard)
+                    shutil.copyfileobj(shard, merged, length=16 * 2**20)
+            merged.flush()
+            os.fsync(merged.fileno())
         os.replace(tmp, out_path)
     finally:
         if tmp.exists():
             tmp.unlink()
     return np.load(out_path, mmap_mode="r")
+
+
+def _skip_npy_header(handle: BinaryIO) -> None:
+    """Move past the header of a C-order float32 ``.npy`` file: the raw (rows, D) data follows."""
+    version = np.lib.format.read_magic(handle)
+    read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+    _, fortran_order, dtype = read_header(handle)
+    if fortran_order or dtype != np.float32:  # shard_done() already checked the dtype; np.save writes C order
+        raise InputError("shard is not a C-order float32 array", path=getattr(handle, "name", None),
+                         fix="Delete it and run the encoding again")
 
 
 def make_embed_fn(encoder: torch.nn.Module, tokenizer, *, max_length: int = 256,

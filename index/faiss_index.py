@@ -23,6 +23,7 @@ from index.manifest import (
     gather_vectors,
     open_passages,
     open_vectors,
+    read_rows,
     write_vectors,
 )
 from rag_models.atomic import atomic_directory
@@ -84,7 +85,7 @@ class DenseIndex:
             faiss.ParameterSpace().set_index_parameter(index, "efConstruction", ef_construction)
         _train(index, vectors, train_sample, seed, factory)
         for start in tqdm(range(0, count, _ADD_CHUNK), desc=f"add to {factory}", unit=" chunk", disable=not progress):
-            chunk = np.ascontiguousarray(vectors[start:start + _ADD_CHUNK], dtype=np.float32)  # (c, D)
+            chunk = read_rows(vectors, slice(start, start + _ADD_CHUNK))  # (c, D)
             if ids is None:
                 index.add(chunk)
             else:
@@ -249,7 +250,7 @@ def _train(index: faiss.Index, vectors: np.ndarray, train_sample: int, seed: int
     count = vectors.shape[0]
     rows = np.arange(count) if count <= train_sample else np.sort(
         np.random.default_rng(seed).choice(count, size=train_sample, replace=False))
-    sample = np.ascontiguousarray(vectors[rows], dtype=np.float32)  # (S, D)
+    sample = read_rows(vectors, rows)  # (S, D)
     try:
         index.train(sample)
     except RuntimeError as err:

@@ -13,6 +13,7 @@ final name, so a killed save never leaves anything that loads.
 from __future__ import annotations
 
 import json
+import mmap
 import os
 import shutil
 import time
@@ -122,6 +123,20 @@ def write_vectors(vectors: np.ndarray, dest: Path) -> None:
             link_or_copy(Path(source), dest)
             return
     np.save(dest, np.asarray(vectors, dtype=np.float32))
+
+
+def read_rows(vectors: np.ndarray, rows: slice | np.ndarray) -> np.ndarray:
+    """A float32 C-order copy of ``vectors[rows]``, (R, D); a read-only memmap then gives its pages back.
+
+    Every page read through a mapping stays in this process's resident memory until the mapping closes:
+    adding a 60 GB ``vectors.npy`` to faiss chunk by chunk would end with 60 GB resident. Dropping the
+    pages after each copy (they stay in the OS page cache) keeps RSS at one chunk whatever N.
+    """
+    block = np.array(vectors[rows], dtype=np.float32, order="C", copy=True)  # (R, D)
+    mapping = getattr(vectors, "_mmap", None)  # the mmap.mmap behind an np.memmap (None for an in-RAM array)
+    if mapping is not None and getattr(vectors, "mode", None) == "r" and hasattr(mmap, "MADV_DONTNEED"):
+        mapping.madvise(mmap.MADV_DONTNEED)  # safe on a read-only file mapping: a later read faults them back in
+    return block
 
 
 def check_queries(queries: np.ndarray, dim: int) -> np.ndarray:
