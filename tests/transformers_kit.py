@@ -78,3 +78,48 @@ def build_knowledge_dataset(titles: list[str], texts: list[str], context_encoder
     dataset.add_faiss_index("embeddings", custom_index=faiss.IndexHNSWFlat(dim, 128, faiss.METRIC_INNER_PRODUCT))
     dataset.get_index("embeddings").save(str(index_path))
     return KnowledgeDataset(dataset_path, index_path, dim)
+
+
+def bag_of_words_encoders(paths: CheckpointPaths) -> None:
+    """Make the tiny DPR encoders at ``paths`` retrieve by shared words, without training.
+
+    A random encoder's CLS vector hardly depends on the input, so every question would retrieve the same
+    passages (and CLS-pooled DPR does not learn quickly from scratch). With the [CLS] embedding and the
+    position and segment embeddings zeroed, [CLS] attends uniformly and its vector becomes a mix of the
+    input's word vectors; the question encoder gets the context encoder's weights, so a question that names
+    a town lands near that town's passage.
+    """
+    context = DPRContextEncoder.from_pretrained(paths.context_encoder)
+    bert = context.ctx_encoder.bert_model
+    cls_id = AutoTokenizer.from_pretrained(paths.context_encoder).cls_token_id
+    with torch.no_grad():
+        bert.embeddings.word_embeddings.weight[cls_id] = 0.0
+        bert.embeddings.position_embeddings.weight.zero_()
+        bert.embeddings.token_type_embeddings.weight.zero_()
+    context.save_pretrained(paths.context_encoder)
+    question = DPRQuestionEncoder.from_pretrained(paths.question_encoder)
+    question.question_encoder.load_state_dict(context.ctx_encoder.state_dict())
+    question.save_pretrained(paths.question_encoder)
+
+
+def train_title_copier(generator: Path, titles: list[str], texts: list[str], *, steps: int = 100,
+                       seed: int = 0) -> None:
+    """Train the tiny BART at ``generator`` for a few steps to answer a passage's title from ``title / text``.
+
+    A random BART answers every input alike, which would make answer parity trivially true; copying the
+    title makes each answer depend on the docs (about 10 s on 2 CPU cores).
+    """
+    model = BartForConditionalGeneration.from_pretrained(generator).train()
+    tokenizer = AutoTokenizer.from_pretrained(generator)
+    optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
+    rng = torch.Generator().manual_seed(seed)
+    for _ in range(steps):
+        rows = torch.randperm(len(titles), generator=rng)[:16].tolist()
+        source = tokenizer([f"{titles[r]} / {texts[r]}" for r in rows], truncation=True, max_length=128,
+                           padding=True, return_tensors="pt")
+        target = tokenizer([" " + titles[r] for r in rows], padding=True, return_tensors="pt")["input_ids"]  # (b, T)
+        loss = model(**source, labels=target.masked_fill(target == tokenizer.pad_token_id, -100)).loss
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    model.eval().save_pretrained(generator)
