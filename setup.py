@@ -35,6 +35,7 @@ setup(
         "console_scripts": [
             "rag-make-world=training.demo.world_cli:main",
             "rag-build-index=index.build_cli:main",
+            "rag-export-index=index.dataset_export:main",
             "rag-train=training.lit.train_cli:main",
             "rag-eval=training.evaluation.eval_cli:main",
             "rag-score=training.evaluation.score_cli:main",

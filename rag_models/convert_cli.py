@@ -3,6 +3,8 @@
     rag-import facebook/rag-sequence-nq --out models/rag-sequence-nq      # hub name (needs network)
     rag-import path/to/saved_rag_dir --out models/mine [--marginalization token]
     rag-export runs/nq/<time>/model --out hf/my-rag                       # loads in transformers
+    rag-export-index runs/nq/<time>/index --out hf/kb                      # (index/dataset_export.py)
+    rag-export runs/nq/<time>/model --out hf/my-rag --knowledge hf/kb     # RagRetriever.from_pretrained works
 
 See rag_models/transformers_rag.py for what is mapped and what is refused.
 """
@@ -36,6 +38,8 @@ def _export_parser() -> argparse.ArgumentParser:
     parser.add_argument("--allow-input-format-change", action="store_true",
                         help="export a model trained with input_format question_first although transformers' "
                         "RagRetriever will feed it 'title / text // question'")
+    parser.add_argument("--knowledge", default=None, help="a directory written by rag-export-index: the exported "
+                        "config points RagRetriever(index_name='custom') at it")
     return parser
 
 
@@ -74,7 +78,8 @@ def export_main(argv: list[str] | None = None) -> None:
 
     def action() -> None:
         out = export_transformers_rag(Path(args.model_dir), args.out,
-                                      allow_input_format_change=args.allow_input_format_change)
+                                      allow_input_format_change=args.allow_input_format_change,
+                                      knowledge=args.knowledge)
         print(f"rag-export: {args.model_dir} -> {out} (RagTokenizer + RagSequence/TokenForGeneration.from_pretrained)")
 
     _run("rag-export", action)

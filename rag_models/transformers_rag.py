@@ -46,6 +46,9 @@ from rag_models.retriever import DenseEncoder
 ARCHITECTURES: dict[str, str] = {"RagSequenceForGeneration": "sequence", "RagTokenForGeneration": "token"}
 HF_CLASSES: dict[str, type[PreTrainedModel]] = {"sequence": RagSequenceForGeneration, "token": RagTokenForGeneration}
 PROVENANCE_NAME = "imported_from.json"
+# A knowledge base in transformers' custom-index format (index/dataset_export.py writes one):
+KNOWLEDGE_DATASET = "dataset"  # Dataset.save_to_disk of id, title, text, embeddings (RagConfig.passages_path)
+KNOWLEDGE_FAISS = "index.faiss"  # an inner-product faiss index over its rows (RagConfig.index_path)
 
 # RagConfig keys that describe the index a checkpoint was published with, not the model.
 INDEX_KEYS = ("dataset", "dataset_split", "index_name", "index_path", "passages_path", "use_dummy_dataset",
@@ -219,13 +222,28 @@ def import_transformers_rag(source: str | Path, out: str | Path, *, marginalizat
     return save_rag_model(model, out, extra_files={PROVENANCE_NAME: json.dumps(provenance, indent=2) + "\n"})
 
 
-def export_transformers_rag(model_dir: str | Path, out: str | Path, *, allow_input_format_change: bool = False) -> Path:
+def _knowledge_settings(knowledge: str | Path, dim: int) -> dict[str, Any]:
+    """RagConfig settings that point transformers' RagRetriever at a knowledge directory (absolute paths)."""
+    knowledge = Path(knowledge).resolve()
+    dataset, faiss_file = knowledge / KNOWLEDGE_DATASET, knowledge / KNOWLEDGE_FAISS
+    if not dataset.is_dir() or not faiss_file.is_file():
+        raise InputError(f"not a knowledge directory (needs {KNOWLEDGE_DATASET}/ and {KNOWLEDGE_FAISS})",
+                         path=knowledge, setting="--knowledge",
+                         fix="write one with rag-export-index INDEX_DIR --out DIR")
+    return {"index_name": "custom", "passages_path": str(dataset), "index_path": str(faiss_file),
+            "retrieval_vector_size": dim}
+
+
+def export_transformers_rag(model_dir: str | Path, out: str | Path, *, allow_input_format_change: bool = False,
+                            knowledge: str | Path | None = None) -> Path:
     """Write our RagModel directory as a transformers RAG directory at ``out`` (atomic); returns ``out``.
 
     ``out`` loads with ``RagSequenceForGeneration`` / ``RagTokenForGeneration`` (by the model's marginalization)
     and ``RagTokenizer.from_pretrained``. transformers' RagRetriever always formats ``title / text // question``:
     a model trained with input_format "question_first" would read different inputs there, so it is refused
-    unless ``allow_input_format_change``.
+    unless ``allow_input_format_change``. ``knowledge``: a directory written by `rag-export-index`
+    (index/dataset_export.py); the config then points ``RagRetriever.from_pretrained(out)`` at it
+    (``index_name="custom"``, absolute paths), so the export answers questions in transformers as is.
 
     Raises InputError for a question encoder that is not a DPR encoder with pooler output, and for the
     input format (above).
@@ -244,11 +262,13 @@ def export_transformers_rag(model_dir: str | Path, out: str | Path, *, allow_inp
             setting="model.input_format", path=model_dir,
             fix="train with model.input_format=transformers to share on the hub, or pass "
             "--allow-input-format-change to export anyway")
+    dim = question_model.config.projection_dim or question_model.config.hidden_size
+    where = {} if knowledge is None else _knowledge_settings(knowledge, dim)
     config = RagConfig.from_question_encoder_generator_configs(
         question_model.config, generator.model.config, n_docs=model.n_docs, title_sep=generator.title_sep,
         doc_sep=generator.doc_sep, max_combined_length=generator.max_source_length,
         exclude_bos_score=model.exclude_bos_score, label_smoothing=model.label_smoothing,
-        reduce_loss=model.loss_reduction == "sum",
+        reduce_loss=model.loss_reduction == "sum", **where,
     )
     config.architectures = [HF_CLASSES[model.marginalization].__name__]
     hf_model = HF_CLASSES[model.marginalization](config, question_encoder=question_model, generator=generator.model)

@@ -22,17 +22,18 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from transformers import RagRetriever, RagTokenizer
+from transformers import RagRetriever, RagTokenForGeneration, RagTokenizer
 from transformers.utils import logging as hf_logging
 
 from decoding.answer import DecodingSettings, answer
 from decoding.retrieve import retrieve
+from index.dataset_export import export_knowledge_dataset
 from index.dataset_import import import_dataset
 from index.passage_files import iter_passages
 from index.retrieval import Retriever
 from rag_models.checkpoint import load_rag_model
 from rag_models.tiny_models import TinyBartSize, save_tiny_checkpoints
-from rag_models.transformers_rag import import_transformers_rag
+from rag_models.transformers_rag import export_transformers_rag, import_transformers_rag
 from tiny_setup import TEST_DPR, TinySetup
 from training.config import compose
 from training.evaluation.eval_cli import evaluate
@@ -193,3 +194,25 @@ def test_transformers_rag_sequence_scores_with_config_n_docs(pipeline, monkeypat
     scored_with.clear()
     _their_answers(m, pipeline.questions[:1], 10, 1)  # as compared above: config.n_docs = 10
     assert set(scored_with) == {10}
+
+
+def test_exported_model_and_index_answer_in_transformers_as_here(pipeline, tmp_path: Path):
+    """rag-export-index + rag-export --knowledge: RagRetriever.from_pretrained(export) needs nothing else, and
+    transformers answers as we do; the exported knowledge base imports back to the same rows and vectors."""
+    m = pipeline.models["token"]
+    knowledge = export_knowledge_dataset(pipeline.out / "ours_flat", tmp_path / "kb", progress=False)
+    exported = export_transformers_rag(m.checkpoint, tmp_path / "hf", knowledge=knowledge)
+    theirs = SimpleNamespace(theirs=RagTokenForGeneration.from_pretrained(
+        exported, retriever=RagRetriever.from_pretrained(exported)).eval(),
+        tokenizer=RagTokenizer.from_pretrained(exported))
+    settings = DecodingSettings(strategy="beam", num_beams=4, max_length=MAX_LENGTH, min_length=MIN_LENGTH, n_docs=5)
+    ours = [a.text for a in answer(pipeline.questions, pipeline.retrievers["flat"], m.ours, settings, progress=False)]
+    assert _their_answers(theirs, pipeline.questions, 5, 4) == ours
+    back = Retriever.from_dir(import_dataset(knowledge / "dataset", tmp_path / "back",
+                                             faiss_index=knowledge / "index.faiss", progress=False))
+    original = pipeline.retrievers["flat"]
+    rows = list(range(len(original)))
+    assert back.passages.ids(rows) == original.passages.ids(rows)
+    assert back.passages.texts(rows) == original.passages.texts(rows)
+    ids = torch.arange(len(original)).view(1, -1).numpy()
+    assert (back.index.vectors(ids) == original.index.vectors(ids)).all()

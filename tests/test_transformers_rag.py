@@ -8,10 +8,16 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import faiss
+import numpy as np
 import pytest
 import torch
+from datasets import load_from_disk
 from transformers import RagSequenceForGeneration, RagTokenForGeneration, RagTokenizer
 
+from index.build_cli import build_index
+from index.dataset_export import main as export_index_main
+from index.passages import PassageStore
 from rag_models.checkpoint import build_rag_model, load_rag_model, save_rag_model
 from rag_models.convert_cli import export_main, import_main
 from rag_models.errors import InputError
@@ -176,3 +182,24 @@ def test_fine_tune_from_an_imported_checkpoint(tiny_setup: TinySetup, tmp_path: 
     assert any(not torch.equal(before[name], after[name]) for name in before)  # it trained
     with pytest.raises(InputError, match="not a saved RagModel"):
         instantiate(compose([*tiny_overrides(tiny_setup, tmp_path / "bad"), f"init_from={hf_dir}"]).model)
+
+
+@pytest.mark.parametrize("factory", ["Flat", "exact"])
+def test_rag_export_index_writes_a_custom_knowledge_base(tiny_setup: TinySetup, tmp_path: Path, factory: str, capsys):
+    index_dir = tiny_setup.index_dir
+    if factory == "exact":  # no faiss file: the export builds an exact inner-product one
+        index_dir = build_index(tiny_setup.world.v1_passages, tiny_setup.models.context_encoder, tmp_path / "exact",
+                                factory="exact", max_length=128, progress=False).parent
+    export_index_main([str(index_dir), "--out", str(tmp_path / "kb"), "--no-progress"])
+    dataset = load_from_disk(str(tmp_path / "kb" / "dataset"))
+    store = PassageStore.open(tiny_setup.index_dir / "passages")
+    assert dataset.column_names == ["id", "title", "text", "embeddings"] and len(dataset) == len(store)
+    assert dataset[3]["title"] == store.titles([3])[0] and dataset[3]["id"] == store.ids([3])[0]
+    index = faiss.read_index(str(tmp_path / "kb" / "index.faiss"))
+    assert index.ntotal == len(store) and index.metric_type == faiss.METRIC_INNER_PRODUCT
+    query = np.asarray(dataset[5]["embeddings"], dtype=np.float32)[None]
+    vectors = np.load(tiny_setup.index_dir / "index" / "vectors.npy")
+    assert index.search(query, 1)[1][0, 0] == int(np.argmax(vectors @ query[0]))
+    with pytest.raises(SystemExit) as exit_info:
+        export_index_main([str(tmp_path / "kb"), "--out", str(tmp_path / "kb2")])
+    assert exit_info.value.code == 2 and "no manifest.json" in capsys.readouterr().err
