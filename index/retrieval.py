@@ -164,7 +164,9 @@ class Retriever:
         scores, ids = index.search(queries, k)  # (B, k), (B, k)
         if (ids < 0).any():
             raise InputError(f"the index found fewer than k={k} passages for some questions",
-                             setting="index.nprobe", fix="Probe more IVF lists (raise index.nprobe) or lower n_docs")
+                             setting="index.nprobe / index.ef_search",
+                             fix="Search wider (IVF: raise index.nprobe; HNSW: raise index.ef_search above k) "
+                             "or retrieve fewer (n_docs, rag-eval's recall_depth)")
         vectors = index.vectors(ids)  # (B, k, D)
         flat = ids.reshape(-1)  # (B*k,)
         titles, texts = index.passages.titles(flat), index.passages.texts(flat)

@@ -73,6 +73,9 @@ SUPPORTED_GENERATION = ("num_beams", "max_length", "min_length", "length_penalty
 NEUTRAL_GENERATION: dict[str, object] = {"repetition_penalty": 1.0, "encoder_repetition_penalty": 1.0,
                                          "diversity_penalty": 0.0, "num_beam_groups": 1,
                                          "encoder_no_repeat_ngram_size": 0}
+# What transformers would decode with, reported by rag-import (the special ids are kept but not shown).
+DECODING_KEYS = ("num_beams", "max_length", "min_length", "length_penalty", "early_stopping", "no_repeat_ngram_size",
+                 "forced_bos_token_id", "forced_eos_token_id")
 # Only read when sampling; a checkpoint that does not sample may carry them harmlessly.
 SAMPLING_ONLY = ("temperature", "top_k", "top_p", "typical_p", "min_p", "epsilon_cutoff", "eta_cutoff")
 
@@ -217,8 +220,8 @@ def import_transformers_rag(source: str | Path, out: str | Path, *, marginalizat
     )
     index = {key: getattr(config, key, None) for key in INDEX_KEYS}
     provenance = {"source": source, "architecture": architecture, "index": index,
-                  "generation": {key: value for key, value in generation.to_diff_dict().items()
-                                 if key in SUPPORTED_GENERATION and not key.startswith(("_", "transformers"))}}
+                  "generation": {key: getattr(generation, key) for key in DECODING_KEYS
+                                 if getattr(generation, key, None) is not None}}
     return save_rag_model(model, out, extra_files={PROVENANCE_NAME: json.dumps(provenance, indent=2) + "\n"})
 
 

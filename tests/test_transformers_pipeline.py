@@ -36,14 +36,14 @@ from rag_models.tiny_models import TinyBartSize, save_tiny_checkpoints
 from rag_models.transformers_rag import export_transformers_rag, import_transformers_rag
 from tiny_setup import TEST_DPR, TinySetup
 from training.config import compose
-from training.evaluation.eval_cli import evaluate
-from transformers_kit import (
+from training.demo.transformers_example import (
     HF_CLASSES,
     bag_of_words_encoders,
     build_knowledge_dataset,
     save_transformers_rag,
     train_title_copier,
 )
+from training.evaluation.eval_cli import evaluate
 
 BART = TinyBartSize(d_model=64, layers=2, heads=2, ffn_dim=128, max_positions=256, vocab_size=300, dropout=0.0)
 MAX_LENGTH, MIN_LENGTH = 8, 3

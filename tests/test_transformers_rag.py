@@ -24,8 +24,8 @@ from rag_models.errors import InputError
 from rag_models.transformers_rag import PROVENANCE_NAME, export_transformers_rag, import_transformers_rag
 from tiny_setup import TinySetup, tiny_overrides
 from training.config import compose, instantiate
+from training.demo.transformers_example import save_transformers_rag
 from training.lit.train_cli import train
-from transformers_kit import save_transformers_rag
 
 HF_CLASSES = {"sequence": RagSequenceForGeneration, "token": RagTokenForGeneration}
 
