@@ -57,7 +57,11 @@ INDEX_KEYS = ("dataset", "dataset_split", "index_name", "index_path", "passages_
 NO_EFFECT_KEYS = ("architectures", "model_type", "transformers_version", "dtype", "torch_dtype", "question_encoder",
                   "generator", "is_encoder_decoder", "vocab_size", "use_cache", "output_retrieved", "do_marginalize",
                   "_name_or_path", "_commit_hash", "return_dict", "output_hidden_states", "output_attentions",
-                  "tie_word_embeddings", "chunk_size_feed_forward")
+                  "tie_word_embeddings", "chunk_size_feed_forward", "id2label", "label2id", "problem_type",
+                  # generic keys older transformers wrote into every config.json (the released checkpoints')
+                  "use_bfloat16", "torchscript", "xla_device", "pruned_heads", "tie_encoder_decoder", "is_decoder",
+                  "cross_attention_hidden_size", "add_cross_attention", "finetuning_task", "tokenizer_class",
+                  "task_specific_params", "sep_token_id", "output_scores", "return_dict_in_generate")
 # RagConfig keys mapped onto our settings (see `_model_settings`), or checked against the generator's.
 MAPPED_KEYS = ("n_docs", "max_combined_length", "title_sep", "doc_sep", "exclude_bos_score", "label_smoothing",
                "reduce_loss", "prefix", "do_deduplication")

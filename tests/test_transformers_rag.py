@@ -203,3 +203,11 @@ def test_rag_export_index_writes_a_custom_knowledge_base(tiny_setup: TinySetup, 
     with pytest.raises(SystemExit) as exit_info:
         export_index_main([str(tmp_path / "kb"), "--out", str(tmp_path / "kb2")])
     assert exit_info.value.code == 2 and "no manifest.json" in capsys.readouterr().err
+
+
+def test_generic_keys_of_older_configs_are_accepted(tiny_setup: TinySetup, tmp_path: Path):
+    """The released checkpoints were saved by transformers 3/4, whose config.json lists generic bookkeeping keys."""
+    hf_dir = save_transformers_rag(tiny_setup.models, "sequence", tmp_path / "hf")
+    _edit_config(hf_dir, use_bfloat16=False, torchscript=False, pruned_heads={}, is_decoder=False,
+                 task_specific_params=None, tokenizer_class=None, num_beams=4, max_length=20)
+    assert json.loads((import_transformers_rag(hf_dir, tmp_path / "ours") / "rag_config.json").read_text())
