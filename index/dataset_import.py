@@ -79,10 +79,11 @@ def _embedding_matrix(column: pa.Array, dim: int | None, origin: str) -> np.ndar
         raise _RowError(_first(column.is_null()), "null embedding", _EMBEDDING_FIX)
     lengths = pc.list_value_length(column).to_numpy(zero_copy_only=False)  # (n,)
     want = int(lengths[0]) if dim is None else dim
+    if want < 1:
+        raise _RowError(0, "empty embedding", _EMBEDDING_FIX)
     bad = np.flatnonzero(lengths != want)
-    if bad.size or want < 1:
-        row = int(bad[0]) if bad.size else 0
-        raise _RowError(row, f"embedding of {lengths[row]} values, not {want} ({origin})", _EMBEDDING_FIX)
+    if bad.size:
+        raise _RowError(int(bad[0]), f"embedding of {lengths[bad[0]]} values, not {want} ({origin})", _EMBEDDING_FIX)
     values = column.flatten()  # (n * D,), the slice's values only
     if values.null_count:
         raise _RowError(_first(values.is_null()) // want, "null value inside the embedding", _EMBEDDING_FIX)
@@ -100,8 +101,9 @@ def _strings(data: pa.RecordBatch, name: str) -> list[str]:
             or (name == ID_COLUMN and pa.types.is_integer(column.type))):
         raise _RowError(0, f"column {name} has type {column.type}, not strings", f"Store the {name}s as strings")
     if column.null_count:
-        raise _RowError(_first(column.is_null()), f"null {name}", f"Give every row a {name} (an empty string is fine)"
-                        if name != ID_COLUMN else "Give every row a unique id, or drop the id column")
+        fix = "Give every row a unique id, or drop the id column" if name == ID_COLUMN else \
+            f"Give every row a {name} (an empty string is fine)"
+        raise _RowError(_first(column.is_null()), f"null {name}", fix)
     return pc.cast(column, pa.string()).to_pylist()
 
 

@@ -2,10 +2,10 @@
 
     python scripts/bench_import.py --n 200000 2000000 --dim 768 --factory exact IVF1024,PQ64 --train-sample 100000
 
-For each N it writes a synthetic parquet dataset (title, ~100-word text, a D-dim float32 embedding; files of
-250k rows in 50k-row row groups, written chunk by chunk) under a scratch directory, runs the import in a
-child process (scripts/build_index.py --from-dataset ... --no-progress) once per factory, and samples the
-child's memory (children included) every 0.1 s:
+For each N it writes a synthetic dataset (title, ~100-word text, a D-dim float32 embedding; files of 250k
+rows, written chunk by chunk; parquet, or with --format arrow IPC streams) under a scratch directory, runs
+the import in a child process (scripts/build_index.py --from-dataset ... --no-progress) once per factory,
+and samples the child's memory (children included) every 0.1 s:
 
     RSS    resident set size, all pages mapped in, file-backed ones (memmaps) included
     anon   RSS minus file-backed and shared pages (psutil's rss - shared): heap, what the import allocates
@@ -34,8 +34,11 @@ _CHUNK = 50_000  # rows generated and written at a time (one row group): 150 MB 
 _FILE_ROWS = 250_000  # rows per parquet file
 
 
-def write_dataset(directory: Path, n: int, dim: int, seed: int = 0) -> Path:
-    """Parquet files of ``n`` rows (title, text, embeddings list<float32> (n, dim)) in ``directory``; bounded RAM."""
+def write_dataset(directory: Path, n: int, dim: int, file_format: str = "parquet", seed: int = 0) -> Path:
+    """Files of ``n`` rows (title, text, embeddings list<float32> (n, dim)) in ``directory``; bounded RAM.
+
+    parquet: 50k-row row groups; arrow: IPC streams of 1,000-row batches, as Dataset.save_to_disk writes them.
+    """
     directory.mkdir(parents=True)
     rng = np.random.default_rng(seed)
     vocabulary = np.array([f"w{number}" for number in range(5000)])
@@ -43,8 +46,8 @@ def write_dataset(directory: Path, n: int, dim: int, seed: int = 0) -> Path:
     schema = pa.schema([("title", pa.string()), ("text", pa.string()), ("embeddings", pa.list_(pa.float32()))])
     for first_row in range(0, n, _FILE_ROWS):
         rows = min(_FILE_ROWS, n - first_row)
-        with pq.ParquetWriter(directory / f"part-{first_row // _FILE_ROWS:05d}.parquet", schema,
-                              compression="none") as writer:  # random floats do not compress
+        path = directory / f"part-{first_row // _FILE_ROWS:05d}.{file_format}"
+        with _writer(path, schema, file_format) as writer:
             for start in range(first_row, first_row + rows, _CHUNK):
                 count = min(_CHUNK, first_row + rows - start)
                 vectors = rng.standard_normal((count, dim), dtype=np.float32)  # (c, D)
@@ -52,8 +55,19 @@ def write_dataset(directory: Path, n: int, dim: int, seed: int = 0) -> Path:
                 embeddings = pa.ListArray.from_arrays(offsets, pa.array(vectors.reshape(-1)))
                 titles = pa.array([f"passage {row}" for row in range(start, start + count)])
                 texts = pa.array([pool[row % len(pool)] for row in range(start, start + count)])
-                writer.write_batch(pa.record_batch([titles, texts, embeddings], schema=schema))
+                table = pa.Table.from_batches([pa.record_batch([titles, texts, embeddings], schema=schema)])
+                if file_format == "parquet":
+                    writer.write_table(table)  # one 50k-row row group
+                else:
+                    writer.write_table(table, max_chunksize=1000)
     return directory
+
+
+def _writer(path: Path, schema: pa.Schema, file_format: str):
+    """A parquet writer (uncompressed: random floats do not compress) or an Arrow IPC stream writer."""
+    if file_format == "parquet":
+        return pq.ParquetWriter(path, schema, compression="none")
+    return pa.ipc.new_stream(str(path), schema)
 
 
 def _memory(process: psutil.Process, with_uss: bool) -> tuple[int, int, int]:
@@ -97,6 +111,8 @@ def main() -> None:
     parser.add_argument("--dim", type=int, default=768, help="embedding dimension D")
     parser.add_argument("--factory", nargs="+", default=["exact"], help="factories to import with, each a run")
     parser.add_argument("--train-sample", type=int, default=100_000, help="IVF / PQ training vectors")
+    parser.add_argument("--format", choices=["parquet", "arrow"], default="parquet",
+                        help="source files: parquet, or Arrow IPC streams as Dataset.save_to_disk writes them")
     parser.add_argument("--scratch", default=None, help="parent of the scratch directory (default: the temp dir)")
     args = parser.parse_args()
     scratch = Path(tempfile.mkdtemp(prefix="bench_import-", dir=args.scratch))
@@ -104,9 +120,9 @@ def main() -> None:
     try:
         for n in args.n:
             started = time.time()
-            source = write_dataset(scratch / f"data-{n}", n, args.dim)
+            source = write_dataset(scratch / f"data-{n}", n, args.dim, args.format)
             size = sum(path.stat().st_size for path in source.iterdir()) / MB
-            print(f"N={n:,}: wrote {size:,.0f} MB of parquet in {time.time() - started:.0f} s", flush=True)
+            print(f"N={n:,}: wrote {size:,.0f} MB of {args.format} in {time.time() - started:.0f} s", flush=True)
             for factory in args.factory:
                 result = results[factory, n] = run_import(source, scratch / "out", factory, args.train_sample)
                 print(f"  {factory:>14}: peak RSS {result['rss'] / MB:,.0f} MB, anon {result['anon'] / MB:,.0f} MB, "
