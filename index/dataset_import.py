@@ -104,7 +104,11 @@ def _strings(data: pa.RecordBatch, name: str) -> list[str]:
         fix = "Give every row a unique id, or drop the id column" if name == ID_COLUMN else \
             f"Give every row a {name} (an empty string is fine)"
         raise _RowError(_first(column.is_null()), f"null {name}", fix)
-    return pc.cast(column, pa.string()).to_pylist()
+    strings = pc.cast(column, pa.string())
+    if name == ID_COLUMN and pc.any(pc.equal(pc.binary_length(strings), 0)).as_py():
+        raise _RowError(_first(pc.equal(pc.binary_length(strings), 0)), "empty id",
+                        "Give every row a unique, non-empty id, or drop the id column")
+    return strings.to_pylist()
 
 
 def _passages(data: pa.RecordBatch, row: int) -> list[Passage]:
@@ -189,8 +193,10 @@ def _read(dataset: DatasetSource, count: int | None, shards: _ShardWriter | None
                     shards.add(piece.row, vectors)  # (n, D)
                 passages = _passages(piece.data, piece.row) if with_passages else []
             except _RowError as bad:
-                raise InputError(f"row {piece.row + bad.offset} of the dataset (row {piece.file_row + bad.offset} "
-                                 f"of this file): {bad.problem}", path=piece.where, fix=bad.fix) from None
+                row, file_row = piece.row + bad.offset, piece.file_row + bad.offset
+                in_file = f" (row {file_row} of this file)" if file_row != row else ""
+                raise InputError(f"row {row} of the dataset{in_file}: {bad.problem}", path=piece.where,
+                                 fix=bad.fix) from None
             seen = piece.row + piece.data.num_rows
             bar.update(piece.data.num_rows)
             yield passages
