@@ -187,6 +187,9 @@ def _check_sources(parser: argparse.ArgumentParser, args: argparse.Namespace) ->
 
 def _import(args: argparse.Namespace) -> None:
     """rag-build-index --from-dataset: no encoder, no devices, one process."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise InputError("--from-dataset runs in one process: nothing to share among ranks", setting="WORLD_SIZE",
+                         fix="Run it with python / rag-build-index, not torchrun")
     import_dataset(args.from_dataset, args.out, factory=args.factory, faiss_index=args.faiss_index,
                    encoder=args.encoder, shard_size=args.shard_size, train_sample=args.train_sample,
                    keep_shards=args.keep_shards, progress=not args.no_progress)

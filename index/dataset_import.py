@@ -79,10 +79,11 @@ def _embedding_matrix(column: pa.Array, dim: int | None, origin: str) -> np.ndar
         raise _RowError(_first(column.is_null()), "null embedding", _EMBEDDING_FIX)
     lengths = pc.list_value_length(column).to_numpy(zero_copy_only=False)  # (n,)
     want = int(lengths[0]) if dim is None else dim
+    if want < 1:
+        raise _RowError(0, "empty embedding", _EMBEDDING_FIX)
     bad = np.flatnonzero(lengths != want)
-    if bad.size or want < 1:
-        row = int(bad[0]) if bad.size else 0
-        raise _RowError(row, f"embedding of {lengths[row]} values, not {want} ({origin})", _EMBEDDING_FIX)
+    if bad.size:
+        raise _RowError(int(bad[0]), f"embedding of {lengths[bad[0]]} values, not {want} ({origin})", _EMBEDDING_FIX)
     values = column.flatten()  # (n * D,), the slice's values only
     if values.null_count:
         raise _RowError(_first(values.is_null()) // want, "null value inside the embedding", _EMBEDDING_FIX)
@@ -100,9 +101,14 @@ def _strings(data: pa.RecordBatch, name: str) -> list[str]:
             or (name == ID_COLUMN and pa.types.is_integer(column.type))):
         raise _RowError(0, f"column {name} has type {column.type}, not strings", f"Store the {name}s as strings")
     if column.null_count:
-        raise _RowError(_first(column.is_null()), f"null {name}", f"Give every row a {name} (an empty string is fine)"
-                        if name != ID_COLUMN else "Give every row a unique id, or drop the id column")
-    return pc.cast(column, pa.string()).to_pylist()
+        fix = "Give every row a unique id, or drop the id column" if name == ID_COLUMN else \
+            f"Give every row a {name} (an empty string is fine)"
+        raise _RowError(_first(column.is_null()), f"null {name}", fix)
+    strings = pc.cast(column, pa.string())
+    if name == ID_COLUMN and pc.any(pc.equal(pc.binary_length(strings), 0)).as_py():
+        raise _RowError(_first(pc.equal(pc.binary_length(strings), 0)), "empty id",
+                        "Give every row a unique, non-empty id, or drop the id column")
+    return strings.to_pylist()
 
 
 def _passages(data: pa.RecordBatch, row: int) -> list[Passage]:
@@ -187,8 +193,10 @@ def _read(dataset: DatasetSource, count: int | None, shards: _ShardWriter | None
                     shards.add(piece.row, vectors)  # (n, D)
                 passages = _passages(piece.data, piece.row) if with_passages else []
             except _RowError as bad:
-                raise InputError(f"row {piece.row + bad.offset} of the dataset (row {piece.file_row + bad.offset} "
-                                 f"of this file): {bad.problem}", path=piece.where, fix=bad.fix) from None
+                row, file_row = piece.row + bad.offset, piece.file_row + bad.offset
+                in_file = f" (row {file_row} of this file)" if file_row != row else ""
+                raise InputError(f"row {row} of the dataset{in_file}: {bad.problem}", path=piece.where,
+                                 fix=bad.fix) from None
             seen = piece.row + piece.data.num_rows
             bar.update(piece.data.num_rows)
             yield passages

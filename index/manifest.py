@@ -31,6 +31,7 @@ MANIFEST_NAME = "manifest.json"
 FAISS_NAME = "index.faiss"
 VECTORS_NAME = "vectors.npy"
 IDS_NAME = "ids.npy"
+_GATHER_ROWS = 1024  # scattered rows copied between two releases of a memmap's pages (see read_rows)
 
 
 @dataclass
@@ -130,12 +131,21 @@ def read_rows(vectors: np.ndarray, rows: slice | np.ndarray) -> np.ndarray:
 
     Every page read through a mapping stays in this process's resident memory until the mapping closes:
     adding a 60 GB ``vectors.npy`` to faiss chunk by chunk would end with 60 GB resident. Dropping the
-    pages after each copy (they stay in the OS page cache) keeps RSS at one chunk whatever N.
+    pages after each copy (they stay in the OS page cache) keeps RSS at one chunk whatever N. Scattered
+    ``rows`` (a training sample) are copied _GATHER_ROWS at a time: each page fault maps its neighbours too
+    (fault-around), so a 100k-row sample of a 6 GB file once mapped nearly all of it.
     """
-    block = np.array(vectors[rows], dtype=np.float32, order="C", copy=True)  # (R, D)
     mapping = getattr(vectors, "_mmap", None)  # the mmap.mmap behind an np.memmap (None for an in-RAM array)
-    if mapping is not None and getattr(vectors, "mode", None) == "r" and hasattr(mmap, "MADV_DONTNEED"):
-        mapping.madvise(mmap.MADV_DONTNEED)  # safe on a read-only file mapping: a later read faults them back in
+    releasable = mapping is not None and getattr(vectors, "mode", None) == "r" and hasattr(mmap, "MADV_DONTNEED")
+    if not releasable or isinstance(rows, slice):
+        block = np.array(vectors[rows], dtype=np.float32, order="C", copy=True)  # (R, D)
+        if releasable:
+            mapping.madvise(mmap.MADV_DONTNEED)  # safe on a read-only file mapping: later reads fault them back in
+        return block
+    block = np.empty((len(rows), vectors.shape[1]), dtype=np.float32)  # (R, D)
+    for start in range(0, len(rows), _GATHER_ROWS):
+        block[start:start + _GATHER_ROWS] = vectors[rows[start:start + _GATHER_ROWS]]  # (r, D)
+        mapping.madvise(mmap.MADV_DONTNEED)
     return block
 
 

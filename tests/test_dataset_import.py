@@ -156,7 +156,8 @@ def test_unusable_faiss_files_are_refused(data, tmp_path):
     with pytest.raises(InputError, match="holds 40 vectors, the dataset has 50 rows"):
         import_dataset(source, out, faiss_index=fewer, progress=False)
     wider = _flat(faiss.METRIC_INNER_PRODUCT, np.hstack([data["vectors"]] * 2), tmp_path / "wide.faiss")
-    with pytest.raises(InputError, match=r"row 0 of the dataset .*embedding of 16 values, not 32 \(the dimension of"):
+    with pytest.raises(InputError, match=r"part-0.parquet: row 0 of the dataset: embedding of 16 values, not 32 "
+                       r"\(the dimension of .*wide.faiss\)"):
         import_dataset(source, out, faiss_index=wider, progress=False)
     shuffled = _flat(faiss.METRIC_INNER_PRODUCT, data["vectors"][::-1].copy(), tmp_path / "shuffled.faiss")
     with pytest.raises(InputError, match="its vector 0 is not row 0's embedding"):
@@ -192,6 +193,14 @@ def test_bad_rows_are_refused_naming_file_and_row(tmp_path, column, value, probl
     assert str(error.value).startswith(f"{tmp_path / 'kb' / 'part-1.parquet'}: row 37 of the dataset "
                                        f"(row 7 of this file): {problem}")
     assert not (tmp_path / "out" / "index").exists() and not (tmp_path / "out" / "passages").exists()
+
+
+def test_empty_id_is_refused_naming_the_row(tmp_path):
+    ids = [f"p{i}" for i in range(N)]
+    ids[12] = ""
+    pq.write_table(_table(ids=ids), tmp_path / "kb.parquet")
+    with pytest.raises(InputError, match=r"kb.parquet: row 12 of the dataset: empty id\. Give every row a unique"):
+        import_dataset(tmp_path / "kb.parquet", tmp_path / "out", progress=False)
 
 
 def test_hub_dataset_offline_is_a_clear_error(tmp_path):
@@ -266,6 +275,13 @@ def test_cli_errors_exit_2(tmp_path, capsys, argv, message):
         main(argv + ["--out", str(tmp_path / "out")])
     assert exit_info.value.code == 2
     assert f"rag-build-index: error: {message}" in capsys.readouterr().err
+
+
+def test_cli_import_refuses_torchrun(data, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--from-dataset", str(data["parquet_file"]), "--out", str(tmp_path / "out")])
+    assert exit_info.value.code == 2 and "--from-dataset runs in one process" in capsys.readouterr().err
 
 
 def test_out_built_from_another_dataset_is_refused(data, tmp_path):
