@@ -226,3 +226,7 @@ def main(argv: list[str] | None = None) -> None:
     finally:
         if dist.is_available() and dist.is_initialized():
             dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()

@@ -101,3 +101,7 @@ def main(argv: list[str] | None = None) -> None:
     except InputError as err:
         print(f"rag-export-index: error: {err}", file=sys.stderr)
         raise SystemExit(2) from None
+
+
+if __name__ == "__main__":
+    main()

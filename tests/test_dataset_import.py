@@ -267,7 +267,7 @@ def test_cli_rerun_is_up_to_date_and_another_factory_reuses_the_vectors(data, tm
 
 @pytest.mark.parametrize("argv, message", [
     (["--faiss-index", "x.faiss", "--passages", "p.tsv", "--encoder", "e"], "--faiss-index goes only with"),
-    (["--passages", "p.tsv", "--from-dataset", "kb"], "give exactly one of --passages FILE or --from-dataset SRC"),
+    (["--passages", "p.tsv", "--from-dataset", "kb"], "argument --from-dataset: not allowed with argument --passages"),
     (["--from-dataset", "no/such/dir"], "no/such/dir: no such file or directory"),
 ])
 def test_cli_errors_exit_2(tmp_path, capsys, argv, message):

@@ -183,3 +183,7 @@ def main(argv: list[str] | None = None) -> None:
     print(f"transformers checkpoints: {out / 'rag-sequence-nq'}, {out / 'rag-token-nq'}\n"
           f"knowledge base: {knowledge.dataset_path} (+ {knowledge.index_path.name})\n"
           f"questions: {out / 'world' / 'v1' / 'test.jsonl'}")
+
+
+if __name__ == "__main__":
+    main()
