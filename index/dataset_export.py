@@ -55,7 +55,7 @@ def export_knowledge_dataset(index_dir: str | Path, out: str | Path, *, progress
     """Write the index at ``index_dir`` (a rag-build-index output or its index/) as a transformers KB at ``out``.
 
     Returns ``out``. Raises InputError when the directory is not an index, has no passage store, or maps
-    rows to custom ids (transformers reports dataset rows).
+    rows to custom ids (transformers reports dataset rows), or when ``out`` exists (it is never replaced).
     """
     directory = resolve_index_dir(index_dir)
     manifest = IndexManifest.load(directory)
@@ -68,7 +68,7 @@ def export_knowledge_dataset(index_dir: str | Path, out: str | Path, *, progress
                          fix="keep the passage store beside the index as rag-build-index writes it")
     vectors = open_vectors(directory, manifest)  # (N, D) memmap
     out = Path(out)
-    with atomic_directory(out) as tmp:
+    with atomic_directory(out, overwrite=False) as tmp:
         cache = tmp / ".cache"
         dataset = Dataset.from_generator(_rows, gen_kwargs={"store": store, "vectors": vectors, "progress": progress},
                                          features=_FEATURES, cache_dir=str(cache))
@@ -78,6 +78,9 @@ def export_knowledge_dataset(index_dir: str | Path, out: str | Path, *, progress
         faiss_file = directory / FAISS_NAME
         if faiss_file.is_file():
             shutil.copyfile(faiss_file, tmp / KNOWLEDGE_FAISS)
+            if "IVF" in manifest.factory:
+                print(f"note: the {manifest.factory} index keeps the nprobe it was built with (faiss' default 1); "
+                      "transformers' RagRetriever searches it so, with a lower recall than index.nprobe gives here")
         else:  # an exact (torch) index has no faiss file: a flat inner-product one is exact too
             flat = faiss.IndexFlatIP(manifest.dim)
             for start in range(0, manifest.count, 65536):

@@ -121,6 +121,9 @@ def open_source(source: str | Path) -> DatasetSource:
             raise InputError(f"cannot read it as {'parquet' if kind == 'parquet' else 'Arrow IPC'} ({err})",
                              path=file, fix="Re-create the file; it is truncated or of another format") from None
         _check_columns(names, file)
+        if files and (ID_COLUMN in names) != (ID_COLUMN in columns):
+            raise InputError(f"{'has' if ID_COLUMN in names else 'lacks'} an id column, unlike {files[0][0].name}",
+                             path=file, fix="Give every file of the dataset the same columns (all with id, or none)")
         files.append((file, rows))
         columns = columns or tuple(names)
     return DatasetSource(label=label, kind=kind, files=tuple(files), columns=columns,

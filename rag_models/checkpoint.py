@@ -33,15 +33,16 @@ INPUT_SETTINGS = ("input_format", "max_source_length", "max_question_length", "m
 
 
 def save_rag_model(model: RagModel, out_dir: str | Path, *, mode: str = "rag",
-                   extra_files: dict[str, str] | None = None) -> Path:
+                   extra_files: dict[str, str] | None = None, overwrite: bool = True) -> Path:
     """Write ``model`` as a RagModel directory (see the module docstring), atomically.
 
     ``mode`` records how it was trained, so that rag-eval evaluates it the same way by default.
     ``extra_files``: file name -> text written beside the rest (e.g. rag-import's imported_from.json).
+    ``overwrite``: replace an existing ``out_dir`` (training exports); False raises InputError instead.
     """
     if mode not in MODES:
         raise InputError(f"unknown mode {mode!r}", setting="mode", fix=f"use one of {', '.join(MODES)}")
-    with atomic_directory(out_dir) as tmp:
+    with atomic_directory(out_dir, overwrite=overwrite) as tmp:
         for name, encoder, tokenizer in (
             ("question_encoder", model.question_encoder, model.question_tokenizer),
             ("context_encoder", model.context_encoder, model.context_tokenizer),
@@ -65,9 +66,11 @@ def saved_settings(model_dir: str | Path) -> dict[str, Any]:
     model_dir = Path(model_dir)
     config_path = model_dir / CONFIG_NAME
     if not config_path.is_file():
+        transformers_rag = (model_dir / "config.json").is_file() and '"rag"' in (model_dir / "config.json").read_text()
         raise InputError(f"no {CONFIG_NAME} here: not a saved RagModel", path=model_dir,
-                         fix="pass a directory written by save_rag_model (rag-train's <run_dir>/model) "
-                         "or by rag-import")
+                         fix=f"it is a transformers RAG checkpoint: convert it first with rag-import {model_dir} "
+                         "--out NEW_DIR" if transformers_rag else "pass a directory written by save_rag_model "
+                         "(rag-train's <run_dir>/model) or by rag-import")
     try:
         settings = json.loads(config_path.read_text())
     except json.JSONDecodeError as err:

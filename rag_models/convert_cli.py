@@ -66,8 +66,11 @@ def import_main(argv: list[str] | None = None) -> None:
         print(f"rag-import: transformers would decode with {provenance['generation']} "
               "(rag-eval decodes with its decoding group: set decoding.num_beams / decoding.max_length to match)")
         index = provenance["index"]
-        print(f"rag-import: published with index {index.get('dataset')} ({index.get('index_name')}); build ours with "
-              "rag-build-index --from-dataset (README: Reproduce Lewis et al. with the released checkpoints)")
+        published = (f"its own knowledge base {index.get('passages_path')} (+ {index.get('index_path')})"
+                     if index.get("index_name") == "custom" else f"index {index.get('dataset')} "
+                     f"({index.get('index_name')})")
+        print(f"rag-import: published with {published}; build ours with rag-build-index --from-dataset "
+              "(README: Reproduce Lewis et al. with the released checkpoints)")
 
     _run("rag-import", action)
 

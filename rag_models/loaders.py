@@ -42,7 +42,7 @@ def load_encoder_checkpoint(name_or_path: str | Path, role: str) -> tuple[PreTra
     config = _load_config(name_or_path)
     model_class = DPR_CLASSES[role] if config.model_type == "dpr" else AutoModel
     model = model_class.from_pretrained(str(name_or_path))
-    return model.eval(), AutoTokenizer.from_pretrained(str(name_or_path))
+    return model.eval(), load_tokenizer(name_or_path)
 
 
 def load_generator_checkpoint(name_or_path: str | Path) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
@@ -52,13 +52,37 @@ def load_generator_checkpoint(name_or_path: str | Path) -> tuple[PreTrainedModel
     """
     _load_config(name_or_path)
     model = AutoModelForSeq2SeqLM.from_pretrained(str(name_or_path))
-    return model.eval(), AutoTokenizer.from_pretrained(str(name_or_path))
+    return model.eval(), load_tokenizer(name_or_path)
+
+
+def load_tokenizer(name_or_path: str | Path, **kwargs: object) -> PreTrainedTokenizerBase:
+    """AutoTokenizer of a checkpoint, refused when it holds only special tokens.
+
+    transformers builds such a tokenizer without a word when the vocabulary files are missing (a
+    checkpoint copied without them): every question would become [CLS] [UNK] ... [SEP] and every
+    answer silently wrong. Raises InputError then, naming the directory.
+    """
+    tokenizer = AutoTokenizer.from_pretrained(str(name_or_path), **kwargs)
+    check_tokenizer(tokenizer, name_or_path)
+    return tokenizer
+
+
+def check_tokenizer(tokenizer: PreTrainedTokenizerBase, where: str | Path) -> None:
+    """InputError when ``tokenizer`` has no vocabulary beyond its special tokens (its files are missing)."""
+    if len(tokenizer) <= len(set(tokenizer.all_special_ids)):
+        raise InputError(f"the tokenizer has no vocabulary, only {len(tokenizer)} special tokens: its files "
+                         "(vocab.txt, vocab.json + merges.txt, tokenizer.json, ...) are missing", path=where,
+                         fix="copy the checkpoint with its tokenizer files (save_pretrained writes them)")
 
 
 def _load_config(name_or_path: str | Path) -> AutoConfig:
     """The checkpoint's config, or an error that says offline / missing plainly."""
     try:
         return AutoConfig.from_pretrained(str(name_or_path))
+    except ValueError as err:  # a directory whose config.json names no model type
+        raise InputError(f"cannot load model {str(name_or_path)!r}: {str(err).splitlines()[0]}",
+                         setting="model name or path", fix="pass a checkpoint directory written by "
+                         "save_pretrained (config.json with a model_type) or a hub name") from err
     except OSError as err:
         offline = os.environ.get("HF_HUB_OFFLINE") == "1"
         hint = "it is neither a local checkpoint directory nor reachable on the hub" + (

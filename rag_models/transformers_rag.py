@@ -38,7 +38,7 @@ from rag_models.atomic import atomic_directory
 from rag_models.checkpoint import load_rag_model, save_rag_model
 from rag_models.errors import InputError
 from rag_models.generator import Generator
-from rag_models.loaders import _load_config
+from rag_models.loaders import _load_config, check_tokenizer
 from rag_models.rag import RagModel
 from rag_models.retriever import DenseEncoder
 
@@ -46,6 +46,9 @@ from rag_models.retriever import DenseEncoder
 ARCHITECTURES: dict[str, str] = {"RagSequenceForGeneration": "sequence", "RagTokenForGeneration": "token"}
 HF_CLASSES: dict[str, type[PreTrainedModel]] = {"sequence": RagSequenceForGeneration, "token": RagTokenForGeneration}
 PROVENANCE_NAME = "imported_from.json"
+# Beside a RAG-Sequence export: its generator's generation config, which transformers would lose (see
+# `_own_export_generation`); rag-import reads it back, so import -> export -> import keeps it.
+GENERATOR_GENERATION_NAME = "generator_generation_config.json"
 # A knowledge base in transformers' custom-index format (index/dataset_export.py writes one):
 KNOWLEDGE_DATASET = "dataset"  # Dataset.save_to_disk of id, title, text, embeddings (RagConfig.passages_path)
 KNOWLEDGE_FAISS = "index.faiss"  # an inner-product faiss index over its rows (RagConfig.index_path)
@@ -163,13 +166,27 @@ def _model_settings(config: RagConfig, marginalization: str, question_positions:
     }
 
 
-def _generation_config(model: PreTrainedModel, marginalization: str, source: str) -> GenerationConfig:
+def _own_export_generation(source: str, marginalization: str) -> GenerationConfig | None:
+    """The generator's generation config that `export_transformers_rag` keeps beside a RAG-Sequence export.
+
+    transformers' RagSequenceForGeneration neither saves nor reads one (its generator's generation settings
+    are lost in a save / load); transformers' own checkpoints have no such file, so only our exports do.
+    """
+    path = Path(source) / GENERATOR_GENERATION_NAME
+    if marginalization != "sequence" or not path.is_file():
+        return None
+    return GenerationConfig.from_pretrained(str(Path(source)), config_file_name=GENERATOR_GENERATION_NAME)
+
+
+def _generation_config(model: PreTrainedModel, marginalization: str, source: str,
+                       kept: GenerationConfig | None = None) -> GenerationConfig:
     """What transformers decodes with: RagToken its own generation config, RagSequence its generator's.
 
+    ``kept``: the generator's generation config a RAG-Sequence export of ours kept beside it (used instead).
     Raises InputError naming the settings our decoders do not implement (sampling, repetition penalty, ...).
     """
     owner = model if marginalization == "token" else model.generator
-    config = copy.deepcopy(owner.generation_config)
+    config = copy.deepcopy(kept if kept is not None else owner.generation_config)
     sampling = bool(getattr(config, "do_sample", False))
     unsupported = sorted(
         key for key, value in config.to_diff_dict().items()
@@ -205,11 +222,21 @@ def import_transformers_rag(source: str | Path, out: str | Path, *, marginalizat
         raise InputError(f"the question encoder is a {config.question_encoder.model_type!r} model; transformers' RAG "
                          "scores docs with output [0] of the question encoder, a (B, D) vector only for DPR",
                          setting="question_encoder", fix="import a RAG checkpoint with a DPR question encoder")
-    hf_model = HF_CLASSES[marginalization].from_pretrained(source).eval()
-    tokenizer = RagTokenizer.from_pretrained(source)
+    if Path(out).exists():  # before the slow loads; never replace a directory (it may be the source itself)
+        raise InputError("already exists", path=out, fix="choose a new --out directory (or delete this one)")
+    try:
+        hf_model = HF_CLASSES[marginalization].from_pretrained(source).eval()
+        tokenizer = RagTokenizer.from_pretrained(source)
+    except (OSError, ValueError) as err:
+        raise InputError(f"cannot load the weights or tokenizers: {str(err).splitlines()[0]}", path=source,
+                         fix="a RAG checkpoint needs config.json, its weights (model.safetensors or "
+                         "pytorch_model.bin) and question_encoder_tokenizer/ + generator_tokenizer/") from err
+    for part, sub_tokenizer in (("question_encoder_tokenizer", tokenizer.question_encoder),
+                                ("generator_tokenizer", tokenizer.generator)):
+        check_tokenizer(sub_tokenizer, f"{source}/{part}")
     question_positions = int(hf_model.question_encoder.config.max_position_embeddings)
     settings = _model_settings(config, marginalization, question_positions, source)
-    generation = _generation_config(hf_model, marginalization, source)
+    generation = _generation_config(hf_model, marginalization, source, _own_export_generation(source, marginalization))
     seq2seq = hf_model.generator
     seq2seq.generation_config = generation
     generator = Generator(seq2seq, tokenizer.generator, max_source_length=settings["max_source_length"],
@@ -226,19 +253,25 @@ def import_transformers_rag(source: str | Path, out: str | Path, *, marginalizat
     provenance = {"source": source, "architecture": architecture, "index": index,
                   "generation": {key: getattr(generation, key) for key in DECODING_KEYS
                                  if getattr(generation, key, None) is not None}}
-    return save_rag_model(model, out, extra_files={PROVENANCE_NAME: json.dumps(provenance, indent=2) + "\n"})
+    return save_rag_model(model, out, extra_files={PROVENANCE_NAME: json.dumps(provenance, indent=2) + "\n"},
+                          overwrite=False)
 
 
 def _knowledge_settings(knowledge: str | Path, dim: int) -> dict[str, Any]:
     """RagConfig settings that point transformers' RagRetriever at a knowledge directory (absolute paths)."""
+    import faiss  # only here: the model package itself needs no faiss
+
     knowledge = Path(knowledge).resolve()
     dataset, faiss_file = knowledge / KNOWLEDGE_DATASET, knowledge / KNOWLEDGE_FAISS
     if not dataset.is_dir() or not faiss_file.is_file():
         raise InputError(f"not a knowledge directory (needs {KNOWLEDGE_DATASET}/ and {KNOWLEDGE_FAISS})",
                          path=knowledge, setting="--knowledge",
                          fix="write one with rag-export-index INDEX_DIR --out DIR")
-    return {"index_name": "custom", "passages_path": str(dataset), "index_path": str(faiss_file),
-            "retrieval_vector_size": dim}
+    found = faiss.read_index(str(faiss_file), faiss.IO_FLAG_MMAP | faiss.IO_FLAG_READ_ONLY).d
+    if found != dim:
+        raise InputError(f"its vectors have dimension {found}, the model's question vectors {dim}", path=faiss_file,
+                         setting="--knowledge", fix="export the index this model was trained or evaluated with")
+    return {"index_name": "custom", "passages_path": str(dataset), "index_path": str(faiss_file)}
 
 
 def export_transformers_rag(model_dir: str | Path, out: str | Path, *, allow_input_format_change: bool = False,
@@ -270,7 +303,7 @@ def export_transformers_rag(model_dir: str | Path, out: str | Path, *, allow_inp
             fix="train with model.input_format=transformers to share on the hub, or pass "
             "--allow-input-format-change to export anyway")
     dim = question_model.config.projection_dim or question_model.config.hidden_size
-    where = {} if knowledge is None else _knowledge_settings(knowledge, dim)
+    where = {"retrieval_vector_size": dim} | ({} if knowledge is None else _knowledge_settings(knowledge, dim))
     config = RagConfig.from_question_encoder_generator_configs(
         question_model.config, generator.model.config, n_docs=model.n_docs, title_sep=generator.title_sep,
         doc_sep=generator.doc_sep, max_combined_length=generator.max_source_length,
@@ -279,9 +312,17 @@ def export_transformers_rag(model_dir: str | Path, out: str | Path, *, allow_inp
     )
     config.architectures = [HF_CLASSES[model.marginalization].__name__]
     hf_model = HF_CLASSES[model.marginalization](config, question_encoder=question_model, generator=generator.model)
+    generation = generator.model.generation_config
     if model.marginalization == "token":
-        hf_model.generation_config = copy.deepcopy(generator.model.generation_config)
-    with atomic_directory(out) as tmp:
+        hf_model.generation_config = copy.deepcopy(generation)
+    with atomic_directory(out, overwrite=False) as tmp:
         hf_model.save_pretrained(tmp)
         RagTokenizer(question_encoder=model.question_tokenizer, generator=generator.tokenizer).save_pretrained(tmp)
+        if model.marginalization == "sequence":
+            generation.save_pretrained(tmp, config_file_name=GENERATOR_GENERATION_NAME)
+    lost = {key: getattr(generation, key) for key in DECODING_KEYS if getattr(generation, key, None) is not None
+            and key != "forced_eos_token_id"}
+    if model.marginalization == "sequence" and lost:
+        print(f"note: transformers' RagSequenceForGeneration does not keep its generator's generation settings "
+              f"{lost}: pass them to generate() there (rag-import reads them back from {GENERATOR_GENERATION_NAME})")
     return Path(out)

@@ -288,3 +288,40 @@ def test_out_built_from_another_dataset_is_refused(data, tmp_path):
     import_dataset(data["parquet_file"], tmp_path / "out", factory="exact", progress=False)
     with pytest.raises(InputError, match="holds a passage store built from another source"):
         import_dataset(data["arrow_file"], tmp_path / "out", factory="exact", progress=False)
+
+
+def _ivf_pq(vectors: np.ndarray, path: Path) -> Path:
+    """An inner-product IVF4,PQ4 file of ``vectors`` (codes only: reconstruct() is not the vectors)."""
+    index = faiss.index_factory(vectors.shape[1], "IVF4,PQ4x4", faiss.METRIC_INNER_PRODUCT)
+    index.train(vectors)
+    index.add(vectors)
+    faiss.write_index(index, str(path))
+    return path
+
+
+def test_an_ivf_pq_file_of_the_rows_in_another_order_is_refused(data, tmp_path):
+    source, vectors = data["parquet_dir"], data["vectors"]
+    with pytest.raises(InputError, match="sampled rows are not in the inverted list of their embedding"):
+        import_dataset(source, tmp_path / "bad", faiss_index=_ivf_pq(vectors[::-1].copy(), tmp_path / "rev.faiss"),
+                       progress=False)
+    assert not (tmp_path / "bad" / "index").exists()
+    import_dataset(source, tmp_path / "ok", faiss_index=_ivf_pq(vectors, tmp_path / "ok.faiss"), progress=False)
+    assert IndexManifest.load(tmp_path / "ok" / "index").factory == "imported:IndexIVFPQ"
+
+
+def test_files_with_and_without_an_id_column_are_refused(tmp_path):
+    directory = tmp_path / "mixed"
+    directory.mkdir()
+    table = _table(ids=[f"d{i}" for i in range(N)])
+    pq.write_table(table.slice(0, 20), directory / "part-0.parquet")
+    pq.write_table(table.drop_columns(["id"]).slice(20), directory / "part-1.parquet")
+    with pytest.raises(InputError, match="part-1.parquet: lacks an id column, unlike part-0.parquet"):
+        import_dataset(directory, tmp_path / "out", progress=False)
+
+
+def test_a_wrong_length_in_the_first_batch_names_what_it_was_compared_with(tmp_path):
+    table = _with_row(_table(), 2, "embeddings", [1.0, 2.0, 3.0])
+    pq.write_table(table, tmp_path / "kb.parquet")
+    with pytest.raises(InputError, match=r"row 2 of the dataset: embedding of 3 values, not 16 \(like the first row "
+                       r"read\)"):
+        import_dataset(tmp_path / "kb.parquet", tmp_path / "out", progress=False)

@@ -6,6 +6,7 @@ tests/test_transformers_pipeline.py; here: the mapping, the round trip, the refu
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import faiss
@@ -211,3 +212,63 @@ def test_generic_keys_of_older_configs_are_accepted(tiny_setup: TinySetup, tmp_p
     _edit_config(hf_dir, use_bfloat16=False, torchscript=False, pruned_heads={}, is_decoder=False,
                  task_specific_params=None, tokenizer_class=None, num_beams=4, max_length=20)
     assert json.loads((import_transformers_rag(hf_dir, tmp_path / "ours") / "rag_config.json").read_text())
+
+
+def test_a_checkpoint_without_its_tokenizer_files_is_refused(tiny_setup: TinySetup, tmp_path: Path):
+    """transformers builds an empty tokenizer from a directory without vocabulary files: answers would be wrong."""
+    hf_dir = save_transformers_rag(tiny_setup.models, "sequence", tmp_path / "hf")
+    shutil.rmtree(hf_dir / "generator_tokenizer")
+    with pytest.raises(InputError, match="generator_tokenizer.*no vocabulary"):
+        import_transformers_rag(hf_dir, tmp_path / "ours")
+    ours = save_rag_model(build_rag_model(question_encoder=str(tiny_setup.models.question_encoder),
+                                          generator=str(tiny_setup.models.generator), max_source_length=128,
+                                          max_question_length=32), tmp_path / "model")
+    for name in (ours / "question_encoder").glob("*"):
+        if "vocab" in name.name or "tokenizer" in name.name:
+            name.unlink()
+    with pytest.raises(InputError, match="no vocabulary"):
+        load_rag_model(ours)
+
+
+def test_an_existing_out_directory_is_never_replaced(tiny_setup: TinySetup, tmp_path: Path):
+    hf_dir = save_transformers_rag(tiny_setup.models, "token", tmp_path / "hf")
+    (tmp_path / "precious").mkdir()
+    (tmp_path / "precious" / "keep.txt").write_text("mine")
+    for out in (tmp_path / "precious", hf_dir):
+        with pytest.raises(InputError, match="already exists"):
+            import_transformers_rag(hf_dir, out)
+    assert (tmp_path / "precious" / "keep.txt").read_text() == "mine" and (hf_dir / "config.json").is_file()
+    imported = import_transformers_rag(hf_dir, tmp_path / "ours")
+    with pytest.raises(InputError, match="already exists"):
+        export_transformers_rag(imported, tmp_path / "precious")
+    with pytest.raises(SystemExit):  # rag-export-index: "already exists", exit 2
+        export_index_main([str(tiny_setup.index_dir), "--out", str(tmp_path / "precious")])
+    assert (tmp_path / "precious" / "keep.txt").read_text() == "mine"
+
+
+def test_rag_sequence_export_keeps_the_generators_generation_settings(tiny_setup: TinySetup, tmp_path: Path):
+    """transformers' RagSequenceForGeneration loses them in a save / load; our export keeps them beside it."""
+    imported = import_transformers_rag(save_transformers_rag(tiny_setup.models, "sequence", tmp_path / "hf"),
+                                       tmp_path / "first")
+    path = imported / "generator" / "generation_config.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), "num_beams": 4, "no_repeat_ngram_size": 3,
+                                "max_length": 20}))
+    exported = export_transformers_rag(imported, tmp_path / "exported")
+    again = import_transformers_rag(exported, tmp_path / "again")
+    assert json.loads((again / "generator" / "generation_config.json").read_text()) == json.loads(path.read_text())
+    assert json.loads((exported / "config.json").read_text())["retrieval_vector_size"] == 32  # the model's D
+
+
+def test_knowledge_of_another_dimension_is_refused(tiny_setup: TinySetup, tmp_path: Path):
+    imported = import_transformers_rag(save_transformers_rag(tiny_setup.models, "token", tmp_path / "hf"),
+                                       tmp_path / "ours")
+    (tmp_path / "kb" / "dataset").mkdir(parents=True)
+    faiss.write_index(faiss.IndexFlatIP(8), str(tmp_path / "kb" / "index.faiss"))
+    with pytest.raises(InputError, match="dimension 8, the model's question vectors 32"):
+        export_transformers_rag(imported, tmp_path / "hf_out", knowledge=tmp_path / "kb")
+
+
+def test_init_from_a_transformers_directory_says_to_import_it_first(tiny_setup: TinySetup, tmp_path: Path):
+    hf_dir = save_transformers_rag(tiny_setup.models, "token", tmp_path / "hf")
+    with pytest.raises(InputError, match="rag-import"):
+        load_rag_model(hf_dir)
