@@ -6,12 +6,14 @@ The one path from a question to an answer. `answer` retrieves and decodes;
 reusing the question vectors that searched the index. The strategy string picks a
 decoder from `STRATEGIES`: "greedy" and "beam" search the RAG-Token marginal,
 "thorough" and "fast" are RAG-Sequence's decoders. Without a strategy, the model's
-own marginalization decides (token -> beam, sequence -> thorough).
+own marginalization decides, as the paper evaluates it (token -> greedy, sequence -> thorough
+with one beam per doc).
 
 Shapes: B questions, K docs read per answer, L source length.
 """
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
@@ -42,8 +44,15 @@ STRATEGIES: dict[str, Callable[..., GenerationResult]] = {
     "thorough": partial(rag_sequence_generate, mode="thorough"),
     "fast": partial(rag_sequence_generate, mode="fast"),
 }
-# the model's marginalization -> its decoder when no strategy is given
-DEFAULT_STRATEGY: dict[str, str] = {"token": "beam", "sequence": "thorough"}
+# the model's marginalization -> its decoder when no strategy is given: how Lewis et al. evaluate each model
+# on open-domain QA (App. A: RAG-Sequence thorough decoding with one beam per doc, RAG-Token greedy)
+DEFAULT_STRATEGY: dict[str, str] = {"token": "greedy", "sequence": "thorough"}
+# the marginalization each decoder belongs to; another one is decoded only when named, with a warning
+STRATEGY_MARGINALIZATION: dict[str, str] = {"greedy": "token", "beam": "token", "thorough": "sequence",
+                                            "fast": "sequence"}
+# beams (per doc for RAG-Sequence) when num_beams is not given: beam search 4, every other decoder 1
+DEFAULT_BEAMS: dict[str, int] = {"beam": 4}
+NAMES: dict[str, str] = {"sequence": "RAG-Sequence", "token": "RAG-Token"}
 
 
 @dataclass
@@ -80,9 +89,11 @@ class DecodingSettings:
     """How to decode: the Hydra target of configs/decoding/*.yaml.
 
     Fields:
-        strategy: "greedy" | "beam" (RAG-Token), "thorough" | "fast" (RAG-Sequence), or None
-            for the model's own (token -> beam, sequence -> thorough).
-        num_beams: beams (per doc for RAG-Sequence); num_return_sequences <= num_beams.
+        strategy: "greedy" | "beam" (RAG-Token), "thorough" | "fast" (RAG-Sequence), or None for the
+            model's own, as the paper evaluates it (token -> greedy, sequence -> thorough). A decoder of the
+            other marginalization is used when named, with a warning.
+        num_beams: beams (per doc for RAG-Sequence); None: 4 for "beam", else 1 (one beam per doc: the
+            paper's thorough decoding). num_return_sequences <= num_beams.
         max_length: tokens per answer, the decoder start token included; min_length likewise.
         n_docs: docs read per answer; None = the model's n_docs (as trained).
         length_penalty, early_stopping: as transformers' generate (beam ranking only).
@@ -90,7 +101,7 @@ class DecodingSettings:
     """
 
     strategy: str | None = None
-    num_beams: int = 4
+    num_beams: int | None = None
     max_length: int = 40
     min_length: int = 0
     n_docs: int | None = None
@@ -99,21 +110,45 @@ class DecodingSettings:
     num_return_sequences: int = 1
 
     def search_kwargs(self) -> dict[str, Any]:
-        """The keyword arguments every decoder in `STRATEGIES` takes."""
-        return dict(num_beams=self.num_beams, num_return_sequences=self.num_return_sequences,
+        """The keyword arguments every decoder in `STRATEGIES` takes (num_beams None: `DEFAULT_BEAMS`)."""
+        num_beams = self.num_beams if self.num_beams is not None else DEFAULT_BEAMS.get(self.strategy, 1)
+        return dict(num_beams=num_beams, num_return_sequences=self.num_return_sequences,
                     max_length=self.max_length, min_length=self.min_length, length_penalty=self.length_penalty,
                     early_stopping=self.early_stopping)
 
     def for_model(self, model: RagModel) -> "DecodingSettings":
-        """These settings with ``strategy`` and ``n_docs`` filled from ``model`` where None; InputError if invalid."""
+        """These settings with ``strategy``, ``num_beams`` and ``n_docs`` filled from ``model`` where None.
+
+        Raises InputError for an unknown strategy or n_docs < 1; warns (once) when the strategy, named
+        explicitly, belongs to the other marginalization than the model's.
+        """
         strategy = self.strategy or DEFAULT_STRATEGY.get(model.marginalization, "thorough")
         if strategy not in STRATEGIES:
             raise InputError(f"unknown decoding strategy {strategy!r}", setting="decoding.strategy",
                              fix=f"use one of {sorted(STRATEGIES)}")
+        if STRATEGY_MARGINALIZATION[strategy] != model.marginalization:
+            warnings.warn(f"decoding a {NAMES.get(model.marginalization, model.marginalization)} model with "
+                          f"{strategy}, a {NAMES[STRATEGY_MARGINALIZATION[strategy]]} decoder (asked for); its own is "
+                          f"{DEFAULT_STRATEGY.get(model.marginalization)}", stacklevel=2)
         n_docs = model.n_docs if self.n_docs is None else self.n_docs
         if n_docs < 1:
             raise InputError(f"n_docs={n_docs}", setting="decoding.n_docs", fix="use at least one doc")
-        return replace(self, strategy=strategy, n_docs=n_docs)
+        num_beams = self.num_beams if self.num_beams is not None else DEFAULT_BEAMS.get(strategy, 1)
+        return replace(self, strategy=strategy, n_docs=n_docs, num_beams=num_beams)
+
+    def describe(self) -> dict[str, Any]:
+        """What a decode ran with (after `for_model`): for metrics.json."""
+        return dict(strategy=self.strategy, num_beams=self.num_beams, n_docs=self.n_docs, max_length=self.max_length,
+                    min_length=self.min_length, length_penalty=self.length_penalty,
+                    num_return_sequences=self.num_return_sequences)
+
+    def summary(self) -> str:
+        """One line for the console and report.md, e.g. ``thorough, 1 beam per doc, 5 docs, max_length 40``."""
+        beams = f"{self.num_beams} beam{'s' if self.num_beams != 1 else ''}"
+        if self.strategy in ("thorough", "fast"):
+            beams += " per doc"
+        return f"{self.strategy}, {beams}, {self.n_docs} docs, max_length {self.max_length}"
+
 
 
 @contextmanager

@@ -34,9 +34,11 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--checkpoint", required=True, help="a RagModel directory (rag-train's <run_dir>/model)")
     parser.add_argument("--index", required=True, help="an index directory written by rag-build-index")
     parser.add_argument("--strategy", choices=sorted(STRATEGIES), default=None,
-                        help="decoder (default: beam for RAG-Token models, thorough for RAG-Sequence)")
+                        help="decoder (default: the model's own, as the paper evaluates it: thorough with one beam "
+                        "per doc for RAG-Sequence, greedy for RAG-Token)")
     parser.add_argument("--n-docs", type=int, default=None, help="passages read per answer (default: as trained)")
-    parser.add_argument("--num-beams", type=int, default=4)
+    parser.add_argument("--num-beams", type=int, default=None,
+                        help="beams (per doc for RAG-Sequence); default: 1, or 4 with --strategy beam")
     parser.add_argument("--max-length", type=int, default=40, help="answer tokens, the decoder start token included")
     parser.add_argument("--num-answers", type=int, default=1, help="n-best answers to print (<= --num-beams)")
     parser.add_argument("--top-docs", type=int, default=3, help="supporting passages shown per answer")
@@ -118,7 +120,9 @@ def main(argv: list[str] | None = None) -> int:
         index = IndexSettings(path=args.index, factory=None, backend=args.backend, nprobe=args.nprobe,
                               ef_search=args.ef_search, refine=args.refine, mmap=args.mmap)
         retriever = index.open()
-        ask(_questions(args.questions, sys.stdin), retriever, model, settings_from_args(args), args.top_docs,
+        settings = settings_from_args(args).for_model(model)
+        print(f"rag-ask: decoding: {settings.summary()}", file=sys.stderr)
+        ask(_questions(args.questions, sys.stdin), retriever, model, settings, args.top_docs,
             sys.stdout, sources=retriever.passages.sources)
     except InputError as err:
         print(f"rag-ask: {err}", file=sys.stderr)

@@ -70,7 +70,10 @@ def test_outputs_and_provenance(parts, one_process):
     saved = json.loads((out / "metrics.json").read_text())
     assert saved == metrics
     assert metrics["num_total"] == N_QUESTIONS and metrics["n_docs"] == 3 and metrics["devices"] == 1
-    assert metrics["strategy"] == "greedy" and metrics["index_path"] == str(parts["index"])
+    # no decoding= given: the RAG-Sequence checkpoint is decoded as the paper evaluates it
+    assert metrics["strategy"] == "thorough" and metrics["decoding"]["num_beams"] == 1
+    assert metrics["decoding_summary"] == "thorough, 1 beam per doc, 3 docs, max_length 40"
+    assert metrics["index_path"] == str(parts["index"])
     # recall@k: the world has 100 passages, so every k of 1, 5, 20, 100 is reachable.
     for k in (1, 5, 20, 100):
         expected = sum(r["answer_rank"] is not None and r["answer_rank"] < k for r in records) / N_QUESTIONS
@@ -223,3 +226,38 @@ def test_two_processes_with_a_sharded_index_and_uneven_shares(parts, tmp_path):
                                                   "trainer.accelerator=cpu", "index.sharded=true")))
     assert (tmp_path / "two" / "predictions.jsonl").read_text() == (tmp_path / "one" / "predictions.jsonl").read_text()
     assert two["exact_match"] == one["exact_match"] and two["recall@5"] == one["recall@5"]
+
+
+@pytest.mark.parametrize("marginalization,strategy", [("sequence", "thorough"), ("token", "greedy")])
+def test_every_entry_point_decodes_a_checkpoint_alike_by_default(parts, tmp_path, capsys, marginalization: str,
+                                                                  strategy: str):
+    """Field case 03: rag-eval (no decoding=), rag-ask and answer() give the same answer and score for the same
+    checkpoint and question, with the model's own decoder (RAG-Sequence thorough 1 beam / doc, RAG-Token greedy)."""
+    from decoding.answer import answer
+    from decoding.ask_cli import main as ask_main
+    from index.settings import IndexSettings
+
+    checkpoint = parts["checkpoint"]
+    if marginalization == "token":
+        checkpoint = save_rag_model(load_rag_model(parts["checkpoint"], marginalization="token"), tmp_path / "tok")
+    question = json.loads(parts["setup"].world.test.read_text().splitlines()[0])["question"]
+    metrics = evaluate(compose_eval([f"checkpoint={checkpoint}", f"questions={parts['setup'].world.test}",
+                                     f"index.path={parts['index']}", f"out_dir={tmp_path / 'eval'}", "limit=1",
+                                     "progress=false"]))
+    record = _read_jsonl(tmp_path / "eval" / "predictions.jsonl")[0]
+    assert metrics["strategy"] == strategy and metrics["decoding"]["num_beams"] == 1
+    assert f"decoding: {strategy}, 1 beam" in (tmp_path / "eval" / "report.md").read_text()
+    capsys.readouterr()
+    assert ask_main(["--checkpoint", str(checkpoint), "--index", str(parts["index"]), question]) == 0
+    shown = capsys.readouterr()
+    assert f"decoding: {strategy}, 1 beam" in shown.err
+    assert f"A: {record['prediction']}    [score {record['score']:.3f}]" in shown.out
+    found = answer([question], IndexSettings(path=str(parts["index"])).open(), load_rag_model(checkpoint),
+                   progress=False)[0]
+    assert (found.text, round(found.score, 4)) == (record["prediction"], round(record["score"], 4))
+
+
+def test_a_decoder_of_the_other_marginalization_runs_only_when_named_with_a_warning(parts, tmp_path):
+    with pytest.warns(UserWarning, match="decoding a RAG-Sequence model with beam, a RAG-Token decoder"):
+        metrics = evaluate(compose_eval(_overrides(parts, tmp_path / "eval", "decoding=beam", "limit=2")))
+    assert metrics["strategy"] == "beam" and metrics["decoding"]["num_beams"] == 4

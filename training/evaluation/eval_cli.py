@@ -56,6 +56,7 @@ def _app(cfg: DictConfig) -> None:
         print(f"rag-eval: error: {err}", file=sys.stderr)
         sys.exit(2)
     if metrics:  # rank 0 (under torchrun the other ranks have nothing to print)
+        print(f"decoding: {metrics['decoding_summary']}")
         print(f"{summary_line(metrics)} ({metrics['seconds']:.1f} s)")
         print(f"wrote {cfg.out_dir}/predictions.jsonl, metrics.json, report.md")
 

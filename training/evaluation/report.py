@@ -7,7 +7,7 @@ Rank 0 scores the gathered records with rag-score's scorer and writes
 from __future__ import annotations
 
 import json
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from typing import Any
 
 from rag_models.atomic import atomic_text_writer, atomic_write_text
@@ -31,7 +31,15 @@ def metrics_from_records(records: list[dict[str, Any]], job: EvalJob, parts: Eva
     if stale:  # the changed questions of a swapped world: does the model still say the old answer?
         metrics["exact_match_stale"] = sum(r["correct_stale"] for r in stale) / len(stale)
         metrics["num_stale"] = len(stale)
-    metrics.update(mode=job.mode, strategy=job.decoding.strategy, n_docs=parts.n_docs,
+    if job.mode == "closed_book":  # the generator's own beam search over the question alone: no strategy
+        beams = job.decoding.search_kwargs()["num_beams"]
+        decoding = replace(job.decoding, strategy="closed_book", n_docs=0, num_beams=beams)
+        summary = f"closed_book (the generator alone), {beams} beams, max_length {decoding.max_length}"
+    else:
+        decoding = replace(job.decoding, n_docs=parts.n_docs).for_model(parts.model)
+        summary = decoding.summary()
+    metrics.update(mode=job.mode, strategy=decoding.strategy, decoding=decoding.describe(),
+                   decoding_summary=summary, n_docs=parts.n_docs,
                    index_path=None if job.index_path is None else str(job.index_path),
                    checkpoint=str(job.checkpoint), questions=job.questions, devices=world)
     return metrics
@@ -42,7 +50,7 @@ def render_report(metrics: dict[str, Any], records: list[dict[str, Any]], n_exam
     lines = ["# Evaluation report", "",
              f"- checkpoint: `{metrics['checkpoint']}`", f"- questions: `{metrics['questions']}`",
              f"- index: `{metrics['index_path']}`",
-             f"- mode: {metrics['mode']}, decoding: {metrics['strategy']}, n_docs: {metrics['n_docs']}, "
+             f"- mode: {metrics['mode']}, decoding: {metrics['decoding_summary']}, n_docs: {metrics['n_docs']}, "
              f"processes: {metrics['devices']}", "", "| metric | value |", "|---|---|"]
     for key, value in metrics.items():
         if key in ("exact_match", "f1", "exact_match_stale", "num_correct", "num_total", "num_stale",

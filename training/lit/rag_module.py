@@ -39,8 +39,8 @@ from rag_models.retriever import freeze
 from training.evaluation.metrics import answer_ranks, batch_sums
 from training.lit.optim import configure_optimizer, param_groups
 
-# How val/test answers are decoded when the config gives no decoding group.
-DEFAULT_EVAL_DECODING = DecodingSettings(strategy="fast", num_beams=1, max_length=20)
+# How val/test answers are decoded when the config gives no decoding group: the model's own decoder.
+DEFAULT_EVAL_DECODING = DecodingSettings()
 
 
 class RagLitModule(pl.LightningModule):
@@ -58,7 +58,8 @@ class RagLitModule(pl.LightningModule):
         schedule: "linear" (warm-up, then linear decay to ``final_lr_factor``) or "constant" after warm-up.
         warmup_steps: optimizer steps of linear warm-up.
         final_lr_factor: the lr multiplier reached at the last step (linear schedule), in [0, 1].
-        decoding: how val/test answers are decoded (configs/decoding/); default: fast, one beam per doc.
+        decoding: how val/test answers are decoded (configs/decoding/); default: the model's own decoder
+            (RAG-Sequence thorough with one beam per doc, RAG-Token greedy).
         eval_n_docs: docs read per val/test answer; None: the decoding's n_docs, else the model's.
         recall_ks: the k of ``val/recall@k`` (an answer in a top-k passage), each up to the index size.
 
@@ -98,7 +99,10 @@ class RagLitModule(pl.LightningModule):
         self.schedule = {"schedule": schedule, "warmup_steps": warmup_steps, "final_lr_factor": final_lr_factor}
         decoding = decoding or DEFAULT_EVAL_DECODING
         # Docs read per val/test answer: eval_n_docs, else the decoding config's, else as trained; one answer each.
-        self.decoding = replace(decoding, n_docs=eval_n_docs or decoding.n_docs or model.n_docs, num_return_sequences=1)
+        self.decoding = replace(decoding, n_docs=eval_n_docs or decoding.n_docs or model.n_docs,
+                                num_return_sequences=1)
+        if mode == "rag":  # closed-book answers come from the generator's own search: no RAG decoder
+            self.decoding = self.decoding.for_model(model)
         self.recall_ks = tuple(int(k) for k in recall_ks)
         if not self.train_question_encoder:
             freeze(model.question_encoder)  # the frozen-retriever baseline (and closed-book)
@@ -115,6 +119,8 @@ class RagLitModule(pl.LightningModule):
         """Open the index on this rank (its own replica, or its slice when sharded)."""
         if self.mode == "rag" and self.retriever is None:
             self.retriever = self.index.open(world_size=self.trainer.world_size)
+        if self.trainer.is_global_zero and stage == "fit" and self.mode == "rag":
+            print(f"val/test decoding: {self.decoding.summary()}")
 
     def frozen_parts(self) -> list[nn.Module]:
         """Components that do not train: kept in eval mode so dropout never perturbs them."""
