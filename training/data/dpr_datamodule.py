@@ -7,7 +7,7 @@ negatives). Passages equal to a question's own positive but sitting in another
 column (two questions about one town in the same batch) are masked out of its
 softmax instead of being pushed away: ``keys`` identify passages for that.
 
-Dev: questions with their gold passage ids, and the corpus to search (the whole
+Dev: questions with their gold passage ids and answers, and the corpus to search (the whole
 passage file for small corpora like the demo's; else the dev positives and hard
 negatives pooled, which is what DPR's own validation ranks against).
 """
@@ -92,12 +92,13 @@ class DevQuestions(Dataset):
     def __getitem__(self, position: int) -> dict[str, Any]:
         ex = self.examples[position % len(self.examples)]
         return {"question": ex.question, "gold": [passage_key(p) for p in ex.positives],
-                "real": position < len(self.examples)}
+                "answers": list(ex.answers), "real": position < len(self.examples)}
 
 
 def collate_dev(items: list[dict[str, Any]]) -> dict[str, Any]:
-    """Dev batch: questions, gold key lists, real mask (B,)."""
+    """Dev batch: questions, gold key lists, answer lists, real mask (B,)."""
     return {"questions": [i["question"] for i in items], "gold": [i["gold"] for i in items],
+            "answers": [i["answers"] for i in items],
             "real": torch.tensor([i["real"] for i in items], dtype=torch.bool)}
 
 

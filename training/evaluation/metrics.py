@@ -6,8 +6,8 @@ normalization, it equals any reference answer. Normalization = Unicode NFD,
 lower-case, drop ASCII punctuation, drop the articles a/an/the, collapse
 whitespace. CuratedTrec references are regular expressions instead (regex mode).
 
-Retrieval recall@k uses :func:`answer_in_text`: a passage "has the answer" when a
-normalized answer appears in it as a whole-token run, as DPR and RAG count it.
+Retrieval recall@k counts ranks from `training.evaluation.answer_match` (DPR's answer-in-passage check,
+which tokenizes differently from the normalization here, as DPR does).
 """
 from __future__ import annotations
 
@@ -16,16 +16,14 @@ import string
 import unicodedata
 from collections import Counter
 from collections.abc import Mapping, Sequence
-from functools import lru_cache
 from typing import Any
 
 from rag_models.errors import InputError
+from training.evaluation.answer_match import compile_pattern
 
 # ASCII punctuation only, as the reference evaluator: a Unicode dash or quote survives normalization.
 _PUNCTUATION = frozenset(string.punctuation)
 _ARTICLES = re.compile(r"\b(?:a|an|the)\b")
-# DPR's CuratedTrec scoring compiles the reference patterns with these flags.
-_REGEX_FLAGS = re.IGNORECASE | re.UNICODE | re.MULTILINE
 
 
 def normalize_answer(s: str) -> str:
@@ -68,39 +66,11 @@ def f1_score(prediction: str, answers: Sequence[str]) -> float:
     return max((_token_f1(prediction_tokens, _tokens(answer)) for answer in answers), default=0.0)
 
 
-@lru_cache(maxsize=4096)
-def compile_pattern(pattern: str) -> re.Pattern[str]:
-    """Compile one CuratedTrec reference pattern (case-insensitive); InputError if it is not a regex."""
-    try:
-        return re.compile(pattern, flags=_REGEX_FLAGS)
-    except re.error as err:
-        raise InputError(f"reference pattern {pattern!r} is not a valid regular expression ({err})",
-                         setting="regex", fix="Fix the pattern, or score without --regex") from None
-
-
 def regex_match(prediction: str, patterns: Sequence[str]) -> bool:
     """True when the prediction matches any pattern from its start (case-insensitive), as DPR scores CuratedTrec."""
     # Anchored at the start like DPR's CuratedTrec scoring (re.match), so published numbers are comparable.
     text = prediction.strip()
     return any(compile_pattern(pattern).match(text) is not None for pattern in patterns)
-
-
-def _contains_run(haystack: list[str], needle: list[str]) -> bool:
-    """True when ``needle`` occurs as a contiguous run of whole tokens in ``haystack``."""
-    width = len(needle)
-    if width == 0:
-        return False  # an answer that normalizes to nothing is never evidence
-    first = needle[0]
-    return any(haystack[i] == first and haystack[i:i + width] == needle
-               for i in range(len(haystack) - width + 1))
-
-
-def answer_in_text(answers: Sequence[str], text: str, *, regex: bool = False) -> bool:
-    """True when a normalized answer is a whole-token substring of the normalized text (regex: a pattern search)."""
-    if regex:
-        return any(compile_pattern(pattern).search(text) is not None for pattern in answers)
-    text_tokens = _tokens(text)
-    return any(_contains_run(text_tokens, _tokens(answer)) for answer in answers)
 
 
 def _question_key(question: str) -> str:
@@ -149,26 +119,6 @@ def score_predictions(references: Sequence[Any], predictions: Mapping[str, str],
         "missing_predictions": missing,
         "f1": None if regex else (f1_total / total if total else 0.0),
     }
-
-
-def first_answer_rank(answers: Sequence[str], texts: Sequence[str], *, regex: bool = False) -> int | None:
-    """0-based rank of the first passage text that contains a reference answer, or None.
-
-    DPR's convention: the passage text only, not its title (a title that names the
-    answer is not evidence).
-    """
-    return next((rank for rank, text in enumerate(texts) if answer_in_text(answers, text, regex=regex)), None)
-
-
-def answer_ranks(answers_per_question: Sequence[Sequence[str]], texts_per_question: Sequence[Sequence[str]],
-                 *, regex: bool = False) -> list[int | None]:
-    """For each question, the rank of its first retrieved passage that holds an answer (None: none does).
-
-    ``texts_per_question[i]`` are question i's passage texts, best first, without titles.
-    Training's ``val/recall@k`` and rag-eval's ``answer_rank`` and ``recall@k`` all come from here.
-    """
-    return [first_answer_rank(answers, texts, regex=regex)
-            for answers, texts in zip(answers_per_question, texts_per_question)]
 
 
 def recall_hits(ranks: Sequence[int | None], ks: Sequence[int], depth: int) -> dict[str, int]:

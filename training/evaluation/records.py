@@ -27,8 +27,9 @@ from rag_models.checkpoint import load_rag_model
 from rag_models.errors import InputError
 from rag_models.rag import RagModel
 from training.data.questions import QAExample
+from training.evaluation.answer_match import answer_ranks
 from training.evaluation.job import EvalJob
-from training.evaluation.metrics import answer_ranks, exact_match
+from training.evaluation.metrics import exact_match
 
 
 @dataclass

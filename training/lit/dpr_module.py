@@ -7,7 +7,10 @@ ranks are gathered (with gradient), so each question sees W times more
 negatives, and the loss equals that of one process holding the global batch.
 
 Dev recall@k: dev questions are searched, by exact inner product, in the dev
-corpus encoded with the current context encoder at the end of each validation.
+corpus encoded with the current context encoder at the end of each validation. A
+question is answered at rank r when the r-th passage's text holds one of its
+answers (`answer_match.first_answer_rank`, DPR's top-k accuracy and the check of
+rag-eval's recall@k); a dev question without answers counts its gold passages instead.
 
 ``share_encoders``: one encoder serves both sides (as Contriever does). DPR trains
 two; but when test questions name entities whose tokens never occur in training
@@ -34,6 +37,7 @@ from rag_models.atomic import atomic_directory
 from rag_models.errors import InputError
 from rag_models.retriever import load_encoder, tokenize_passages
 from training.data.dpr_datamodule import passage_key
+from training.evaluation.answer_match import first_answer_rank
 from training.lit.optim import configure_optimizer, param_groups
 
 
@@ -59,8 +63,8 @@ class DprLitModule(pl.LightningModule):
             (W * (B + B*H) columns) instead of its own rank's B + B*H; no effect on one device.
         share_encoders: True: one module (the question encoder's weights) encodes both sides; the export
             still writes both directories. Needs the two tokenizers to have the same vocabulary.
-        recall_ks: the k of ``val/recall@k`` (a gold passage among the top k of the dev corpus); a k larger
-            than the corpus is skipped.
+        recall_ks: the k of ``val/recall@k`` (a passage holding an answer, or for a question without answers
+            a gold passage, among the top k of the dev corpus); a k larger than the corpus is skipped.
         encode_batch_size: passages per context-encoder forward pass when the dev corpus is encoded (once at
             the end of each validation, on every rank).
 
@@ -107,6 +111,7 @@ class DprLitModule(pl.LightningModule):
         self.encode_batch_size = encode_batch_size
         self._dev_vectors: list[Tensor] = []
         self._dev_gold: list[list[int]] = []
+        self._dev_answers: list[list[str]] = []
         self.train()  # checkpoints load in eval mode; Lightning keeps whatever mode it finds
         self.save_hyperparameters({"question_encoder": str(question_encoder), "context_encoder": str(context_encoder),
                                    "lr": lr, "gather_negatives": gather_negatives, "share_encoders": share_encoders})
@@ -179,6 +184,7 @@ class DprLitModule(pl.LightningModule):
         real = batch["real"].tolist()
         self._dev_vectors.append(q[batch["real"].to(q.device)].float())
         self._dev_gold += [gold for gold, keep in zip(batch["gold"], real) if keep]
+        self._dev_answers += [answers for answers, keep in zip(batch["answers"], real) if keep]
 
     @torch.no_grad()
     def encode_corpus(self, passages: list) -> Tensor:
@@ -202,16 +208,27 @@ class DprLitModule(pl.LightningModule):
         if self._dev_vectors:
             q = torch.cat(self._dev_vectors)  # (Q, D)
             top = (q @ vectors.T).topk(max(ks), dim=1).indices  # (Q, kmax)
-            for row, gold in enumerate(self._dev_gold):
-                found = torch.isin(keys[top[row]], torch.tensor(gold, device=keys.device))  # (kmax,)
-                first = int(found.nonzero()[0]) if found.any() else None
+            for row, (gold, answers) in enumerate(zip(self._dev_gold, self._dev_answers)):
+                first = self._first_hit(top[row], keys, corpus, gold, answers)
                 hits[:-1] += torch.tensor([first is not None and first < k for k in ks], dtype=torch.float64,
                                           device=self.device)
             hits[-1] = len(self._dev_gold)
         hits = self.trainer.strategy.reduce(hits, reduce_op="sum")
         for k, value in zip(ks, hits[:-1].tolist()):
             self.log(f"val/recall@{k}", value / max(hits[-1].item(), 1.0), prog_bar=k == ks[0], sync_dist=False)
-        self._dev_vectors, self._dev_gold = [], []
+        self._dev_vectors, self._dev_gold, self._dev_answers = [], [], []
+
+    @staticmethod
+    def _first_hit(top: Tensor, keys: Tensor, corpus: list, gold: list[int], answers: list[str]) -> int | None:
+        """Rank (into ``top`` (kmax,), corpus rows best first) of the first passage answering the question, or None.
+
+        With answers: the first whose text holds one (titles are no evidence), as rag-eval counts it.
+        Without (DPR files may omit them): the first gold passage, by key (``keys`` (N,)).
+        """
+        if answers:
+            return first_answer_rank(answers, [corpus[i].text for i in top.tolist()])
+        found = torch.isin(keys[top], torch.tensor(gold, device=keys.device))  # (kmax,)
+        return int(found.nonzero()[0]) if found.any() else None
 
     # ---- export -------------------------------------------------------------------------------
     def export_pretrained(self, out_dir: str | Path) -> Path:

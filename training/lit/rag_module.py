@@ -36,7 +36,8 @@ from rag_models.docs import RetrievedDocs
 from rag_models.errors import InputError
 from rag_models.rag import RagModel
 from rag_models.retriever import freeze
-from training.evaluation.metrics import answer_ranks, batch_sums
+from training.evaluation.answer_match import answer_ranks
+from training.evaluation.metrics import batch_sums
 from training.lit.optim import configure_optimizer, param_groups
 
 # How val/test answers are decoded when the config gives no decoding group: the model's own decoder.

@@ -1,0 +1,107 @@
+"""Does a passage hold an answer? DPR's answer check, the one test behind every retrieval recall here.
+
+rag-eval's ``answer_rank`` and ``recall@k``, training's ``val/recall@k`` and DPR
+pre-training's ``val/recall@k`` all call :func:`answer_in_text` (through
+:func:`first_answer_rank`), so that one passage is counted alike everywhere.
+
+String mode, as DPR's ``has_answer`` (its ``SimpleTokenizer``): Unicode NFD, lower
+case, then tokens = maximal runs of letters, digits and combining marks, plus every
+other character that is neither a separator nor a control character, each on its
+own. The answer is found when its token list is a contiguous run of the text's.
+So "Selk" is in "the Selk-river." (selk - river .) but "US" is not in "the U.S.
+army" (u . s .), and "beyonce" is not "Beyoncé" (the accent's mark stays in the token).
+
+Regex mode (CuratedTrec): each answer is a pattern searched anywhere in the text,
+case-insensitively.
+
+This is not the answer normalization of exact match / F1 (metrics.py), which drops
+punctuation and articles from a *prediction*: the two differ on purpose, as in DPR.
+"""
+from __future__ import annotations
+
+import re
+import sys
+import unicodedata
+from collections.abc import Sequence
+from functools import lru_cache
+
+from rag_models.errors import InputError
+
+# DPR's CuratedTrec scoring compiles the reference patterns with these flags.
+_REGEX_FLAGS = re.IGNORECASE | re.UNICODE | re.MULTILINE
+
+
+@lru_cache(maxsize=4096)
+def compile_pattern(pattern: str) -> re.Pattern[str]:
+    """Compile one CuratedTrec reference pattern (case-insensitive); InputError if it is not a regex."""
+    try:
+        return re.compile(pattern, flags=_REGEX_FLAGS)
+    except re.error as err:
+        raise InputError(f"reference pattern {pattern!r} is not a valid regular expression ({err})",
+                         setting="regex", fix="Fix the pattern, or score without --regex") from None
+
+
+def _class_of(categories: tuple[str, ...]) -> str:
+    """A regex character-class body holding every code point whose Unicode category starts with one of these."""
+    ranges, start = [], None
+    for code in range(sys.maxunicode + 2):
+        inside = code <= sys.maxunicode and unicodedata.category(chr(code)).startswith(categories)
+        if inside and start is None:
+            start = code
+        elif not inside and start is not None:
+            ranges.append(f"{re.escape(chr(start))}-{re.escape(chr(code - 1))}")
+            start = None
+    return "".join(ranges)
+
+
+@lru_cache(maxsize=1)
+def _token_pattern() -> re.Pattern[str]:
+    """DPR's ``[\\p{L}\\p{N}\\p{M}]+|[^\\p{Z}\\p{C}]`` in Python's re (which has no \\p): built once, on first use."""
+    # Scanning every code point takes ~1 s once per process; the compiled pattern then tokenizes at C speed.
+    word = _class_of(("L", "N", "M"))  # letters, digits (all numbers), combining marks
+    skip = _class_of(("Z", "C"))  # separators (spaces, line / paragraph separators) and control / format chars
+    return re.compile(f"[{word}]+|[^{word}{skip}]")
+
+
+def answer_tokens(text: str) -> list[str]:
+    """DPR's tokens of ``text``: NFD, lower case, runs of letters/digits/marks and single other characters."""
+    return _token_pattern().findall(unicodedata.normalize("NFD", text).lower())
+
+
+def _contains_run(haystack: list[str], needle: list[str]) -> bool:
+    """True when ``needle`` occurs as a contiguous run of whole tokens in ``haystack``."""
+    width = len(needle)
+    if width == 0:
+        # DPR would find an empty answer everywhere; an empty reference is a data slip, never evidence.
+        return False
+    first = needle[0]
+    return any(haystack[i] == first and haystack[i:i + width] == needle
+               for i in range(len(haystack) - width + 1))
+
+
+def answer_in_text(answers: Sequence[str], text: str, *, regex: bool = False) -> bool:
+    """True when ``text`` holds any of ``answers``: as a run of DPR tokens, or (regex) as a pattern found in it."""
+    if regex:
+        return any(compile_pattern(pattern).search(text) is not None for pattern in answers)
+    text_tokens = answer_tokens(text)
+    return any(_contains_run(text_tokens, answer_tokens(answer)) for answer in answers)
+
+
+def first_answer_rank(answers: Sequence[str], texts: Sequence[str], *, regex: bool = False) -> int | None:
+    """0-based rank of the first passage text that contains a reference answer, or None.
+
+    DPR's convention: the passage text only, not its title (a title that names the
+    answer is not evidence).
+    """
+    return next((rank for rank, text in enumerate(texts) if answer_in_text(answers, text, regex=regex)), None)
+
+
+def answer_ranks(answers_per_question: Sequence[Sequence[str]], texts_per_question: Sequence[Sequence[str]],
+                 *, regex: bool = False) -> list[int | None]:
+    """For each question, the rank of its first retrieved passage that holds an answer (None: none does).
+
+    ``texts_per_question[i]`` are question i's passage texts, best first, without titles.
+    Training's ``val/recall@k`` and rag-eval's ``answer_rank`` and ``recall@k`` all come from here.
+    """
+    return [first_answer_rank(answers, texts, regex=regex)
+            for answers, texts in zip(answers_per_question, texts_per_question)]
