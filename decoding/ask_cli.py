@@ -97,10 +97,16 @@ def ask(questions: Iterable[str], retriever: RetrieverLike, model: RagModel, set
         top_docs: int, out: TextIO, sources: Callable[[list[int]], list[str]] | None = None) -> int:
     """Answer and print each question as soon as it is read; returns how many were answered.
 
+    A question longer than the model's length settings is cut to its beginning, with a warning on stderr.
+
     ``sources``: passage store rows -> where they came from (`PassageStore.sources`); None: titles only.
     """
     count = 0
     for question in questions:
+        cut = model.question_cuts([question])[0]
+        if cut:  # answered from its beginning, as rag-eval and training do
+            print(f"rag-ask: warning: question cut to fit {', '.join(map(str, cut))}, keeping its beginning: "
+                  f"{question[:60]!r}...", file=sys.stderr, flush=True)
         found = answer([question], retriever, model, settings, progress=False)[0]
         shown = sources(found.doc_ids) if sources else ()
         print(format_answer(question, found, top_docs, shown), file=out, flush=True)

@@ -4,8 +4,9 @@ Shapes: B questions, K docs per question, L source length, T target length, V vo
 
 Two input formats, chosen by name:
 - ``question_first`` (default): ``question // title / text``. The question and the
-  passages are tokenized separately, once each, and only the passage is truncated,
-  so the question always reaches the generator whole.
+  passages are tokenized separately, once each, and the passage is truncated to fit.
+  The question reaches the generator whole unless it is longer than `Generator.question_budget`;
+  then its beginning is kept (see `MIN_PASSAGE_TOKENS`).
 - ``transformers``: transformers' RagRetriever format ``title / text // question``
   truncated as one string (a long passage can cut the question off), padded to
   ``max_source_length``; token for token what its retriever produces, for parity.
@@ -22,6 +23,12 @@ from rag_models.errors import InputError
 
 TITLE_SEP = " / "  # between a passage's title and its text (as transformers' RagConfig)
 DOC_SEP = " // "  # between the question and the passage (as transformers' RagConfig)
+# Passage tokens every question_first input keeps, however long its question: a question longer than
+# max_source_length - special tokens - this is cut to its beginning. 64 BART tokens hold the separator, the
+# title and the first ~40 words of a 100-word DPR passage, so an answer near a passage's start stays readable;
+# real questions (NQ: ~10 tokens, max_question_length 64 for the retriever) are never cut by it. When
+# max_source_length is small the reserve is half of the room instead, so the question keeps the other half.
+MIN_PASSAGE_TOKENS = 64
 
 
 def _clean_title(title: str) -> str:
@@ -53,7 +60,7 @@ def _pad_rows(rows: list[list[int]], pad_id: int) -> tuple[Tensor, Tensor]:
 
 def _question_first(gen: "Generator", questions: list[str], titles: list[list[str]],
                     texts: list[list[str]]) -> tuple[Tensor, Tensor]:
-    """``question // title / text``, passage truncated so the question is never cut."""
+    """``question // title / text``; a question over `Generator.question_budget` keeps its beginning."""
     tok = gen.tokenizer
     q_ids = tok([gen.prefix + q.strip() for q in questions], add_special_tokens=False)["input_ids"]
     passages = [f"{gen.doc_sep}{_clean_title(t)}{gen.title_sep}{x}" for ts, xs in zip(titles, texts)
@@ -63,14 +70,8 @@ def _question_first(gen: "Generator", questions: list[str], titles: list[list[st
     k = len(titles[0])
     rows = []
     for b, question in enumerate(q_ids):
+        question = question[: gen.question_budget]  # the beginning of an overlong question (MIN_PASSAGE_TOKENS)
         budget = gen.max_source_length - len(head) - len(tail) - len(question)
-        if budget < 0:
-            raise InputError(
-                f"question {b} of the batch has {len(question)} tokens, more than max_source_length "
-                f"({gen.max_source_length}) leaves after special tokens: {questions[b][:80]!r}",
-                setting="model.max_source_length",
-                fix="raise max_source_length or shorten the question",
-            )
         for j in range(k):
             rows.append(head + question + p_ids[b * k + j][:budget] + tail)
     return _pad_rows(rows, tok.pad_token_id)  # (B*K, L)
@@ -109,13 +110,15 @@ class Generator(nn.Module):
             passage to fit; "transformers" truncates the whole string and pads every row to exactly L.
         max_target_length: T, the most tokens of one answer target (special tokens included); longer
             answers are truncated by `prepare_targets`.
+            "question_first" also cuts a question longer than `question_budget` to its beginning.
         input_format: how a question and a doc become one input, a key of `INPUT_FORMATS`:
             "question_first" (``question // title / text``) or "transformers" (``title / text // question``,
             token for token transformers' RagRetriever, for parity).
         title_sep: between a passage's title and its text (transformers' ``RagConfig.title_sep``).
         doc_sep: between the question and the passage (transformers' ``RagConfig.doc_sep``).
 
-    Raises InputError for an unknown ``input_format``, a ``max_source_length`` above the model's positions,
+    Raises InputError for an unknown ``input_format``, a ``max_source_length`` or ``max_target_length`` above
+    the model's positions (or too small for any text),
     a config without ``decoder_start_token_id``, or a tokenizer whose special tokens cannot be located.
     """
 
@@ -135,12 +138,13 @@ class Generator(nn.Module):
             raise InputError(f"unknown input_format {input_format!r}", setting="model.input_format",
                              fix=f"use one of {sorted(INPUT_FORMATS)}")
         limit = getattr(model.config, "max_position_embeddings", None)
-        if limit is not None and max_source_length > limit:
-            raise InputError(
-                f"max_source_length {max_source_length} exceeds the generator's {limit} positions",
-                setting="model.max_source_length",
-                fix=f"set it to at most {limit}",
-            )
+        for name, value in (("max_source_length", max_source_length), ("max_target_length", max_target_length)):
+            if limit is not None and value > limit:
+                raise InputError(f"{name} {value} exceeds the generator's {limit} positions",
+                                 setting=f"model.{name}", fix=f"set it to at most {limit}")
+            if value < 2:
+                raise InputError(f"{name} {value} leaves no room for any text", setting=f"model.{name}",
+                                 fix="set it to at least 8")
         if model.config.decoder_start_token_id is None:
             raise InputError("the generator config has no decoder_start_token_id", setting="model.generator",
                              fix="use a seq2seq checkpoint that defines it (BART, T5)")
@@ -152,8 +156,34 @@ class Generator(nn.Module):
         self.title_sep = title_sep
         self.doc_sep = doc_sep
         self.special_frame = _special_frame(tokenizer)
+        if self.question_budget < 1:
+            raise InputError(f"max_source_length {max_source_length} leaves no room beside the special tokens",
+                             setting="model.max_source_length", fix="set it to at least 8")
         self.prefix = getattr(model.config, "prefix", None) or ""  # T5-style task prefix, as transformers' RAG
         self._format = INPUT_FORMATS[input_format]
+
+    @property
+    def question_budget(self) -> int:
+        """The most question tokens a "question_first" input keeps: the room beside the special tokens,
+        less `MIN_PASSAGE_TOKENS` for the passage (half the room when that is smaller)."""
+        room = self.max_source_length - sum(len(part) for part in self.special_frame)
+        return room - min(MIN_PASSAGE_TOKENS, room // 2)
+
+    def question_cuts(self, questions: list[str], *, closed_book: bool = False) -> list[tuple[int, int]]:
+        """(tokens, tokens kept) of each question in this generator's inputs; kept < tokens: it is cut.
+
+        ``closed_book``: the inputs of `build_question_inputs` (the question alone, up to
+        ``max_source_length`` with special tokens). The "transformers" format reads the question after
+        the question encoder's truncation and truncates the whole string: no cut of its own is reported.
+        """
+        prefixed = [self.prefix + q.strip() for q in questions]
+        if closed_book:
+            lengths = [len(ids) for ids in self.tokenizer(prefixed)["input_ids"]]
+            return [(n, min(n, self.max_source_length)) for n in lengths]
+        lengths = [len(ids) for ids in self.tokenizer(prefixed, add_special_tokens=False)["input_ids"]]
+        if self.input_format != "question_first":
+            return [(n, n) for n in lengths]
+        return [(n, min(n, self.question_budget)) for n in lengths]
 
     @property
     def pad_token_id(self) -> int:

@@ -47,6 +47,25 @@ class RagOutput:
     seq_logits: Tensor
 
 
+@dataclass(frozen=True)
+class QuestionCut:
+    """One question cut to fit one length setting, keeping its beginning (see `RagModel.question_cuts`).
+
+    Fields:
+        setting: the length setting it exceeded: "max_source_length" (generator) or "max_question_length"
+            (question encoder).
+        tokens: its tokens under that setting's tokenizer.
+        kept: the tokens kept (< tokens).
+    """
+
+    setting: str
+    tokens: int
+    kept: int
+
+    def __str__(self) -> str:
+        return f"{self.setting} ({self.tokens} -> {self.kept} tokens)"
+
+
 def _first_docs(rows: Tensor, batch: int, k_total: int, k: int) -> Tensor:
     """Keep the first k of k_total docs per question in question-major rows (B*Kt, ...) -> (B*k, ...)."""
     if rows.shape[0] != batch * k_total:
@@ -149,6 +168,23 @@ class RagModel(nn.Module):
         """Question-encoder inputs on CPU: input_ids (B, Lq), attention_mask (B, Lq)."""
         return self.question_tokenizer(questions, max_length=self.max_question_length, truncation=True, padding=True,
                                        return_tensors="pt")
+
+    def question_cuts(self, questions: list[str], *, closed_book: bool = False) -> list[tuple[QuestionCut, ...]]:
+        """Per question, the length settings it is cut to fit (empty: read whole); nothing is raised.
+
+        Both the question encoder (``max_question_length``, not read closed-book) and the generator
+        (``max_source_length``, `Generator.question_cuts`) keep a long question's beginning.
+        """
+        cuts: list[list[QuestionCut]] = [[] for _ in questions]
+        if not closed_book:
+            lengths = [len(ids) for ids in self.question_tokenizer(questions)["input_ids"]]
+            for found, n in zip(cuts, lengths):
+                if n > self.max_question_length:
+                    found.append(QuestionCut("max_question_length", n, self.max_question_length))
+        for found, (n, kept) in zip(cuts, self.generator.question_cuts(questions, closed_book=closed_book)):
+            if kept < n:
+                found.append(QuestionCut("max_source_length", n, kept))
+        return [tuple(found) for found in cuts]
 
     def embed_questions(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
         """Question vectors q (B, D); used with no_grad for index search, with grad in forward."""

@@ -13,7 +13,7 @@ from transformers import BertConfig, BertModel
 from rag_models.checkpoint import build_rag_model, load_rag_model, save_rag_model
 from rag_models.docs import RetrievedDocs
 from rag_models.errors import InputError
-from rag_models.generator import Generator
+from rag_models.generator import MIN_PASSAGE_TOKENS, Generator
 from rag_models.rag import RagModel
 from rag_models.retriever import DenseEncoder, doc_scores, load_encoder, tokenize_passages
 from rag_models.tiny_models import TinyBartSize, TinyDprSize, save_tiny_checkpoints
@@ -114,10 +114,23 @@ def test_question_is_never_truncated(model):
     assert "Quenby?" not in theirs.decode(theirs.build_inputs(QUESTIONS, TITLES, TEXTS)[0])[0]
 
 
-def test_too_long_question_names_the_setting(model):
-    gen = Generator(model.generator.model, model.generator.tokenizer, max_source_length=6)
+def test_too_long_question_keeps_its_beginning_and_some_passage(model):
+    gen = Generator(model.generator.model, model.generator.tokenizer, max_source_length=6)  # room 4: 2 + 2
+    assert gen.question_budget == 2
+    ids, mask = gen.build_inputs(QUESTIONS, TITLES, TEXTS)  # cut, never refused
+    assert mask.sum(dim=1).tolist() == [6, 6, 6, 6]
+    question = gen.tokenizer(QUESTIONS[0], add_special_tokens=False)["input_ids"]
+    assert ids[0, 1:3].tolist() == question[:2]  # after bos: the question's first tokens
+    assert [kept for _, kept in gen.question_cuts(QUESTIONS)] == [2, 2]
+    long = Generator(gen.model, gen.tokenizer, max_source_length=40)
+    assert long.question_budget == 19  # 38 beside bos and eos, less half of it for the passage
+    room = 128 - 2  # the tiny BART's 128 positions, less bos and eos
+    expected = room - min(MIN_PASSAGE_TOKENS, room // 2)
+    assert Generator(gen.model, gen.tokenizer, max_source_length=128).question_budget == expected
     with pytest.raises(InputError, match="max_source_length"):
-        gen.build_inputs(QUESTIONS, TITLES, TEXTS)
+        Generator(gen.model, gen.tokenizer, max_source_length=2)
+    with pytest.raises(InputError, match="max_target_length"):
+        Generator(gen.model, gen.tokenizer, max_source_length=40, max_target_length=4096)
     with pytest.raises(InputError, match="same number"):
         gen.build_inputs(QUESTIONS, [["a"], ["b", "c"]], [["x"], ["y", "z"]])
     with pytest.raises(InputError, match="input_format"):

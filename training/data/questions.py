@@ -9,7 +9,7 @@ import ast
 import csv
 import gzip
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
@@ -32,12 +32,15 @@ class QAExample:
             target with ``data.answers=first`` and the target of val / test batches.
         positive_ids: the gold passage ids when the file knows them (the demo world); () otherwise.
         stale_answers: the answers before the world changed (the demo world's v2); () otherwise.
+        line: its 1-based line in the file it was read from (the .source file of a pair), for messages
+            that name one question; None for hub rows and examples built in code. Not compared.
     """
 
     question: str
     answers: tuple[str, ...]
     positive_ids: tuple[str, ...] = ()
     stale_answers: tuple[str, ...] = ()
+    line: int | None = field(default=None, compare=False)
 
 
 @dataclass(frozen=True)
@@ -113,7 +116,8 @@ def _read_nq_jsonl(path: Path, split: str) -> list[QAExample]:
         answers = _answers(record[key], path=path, line=number, key=key)
         stale = record.get("stale_answer", [])
         stale = _answers(stale, path=path, line=number, key="stale_answer", allow_empty=True)
-        examples.append(QAExample(question, answers, positive_ids=_ids(record), stale_answers=stale))
+        examples.append(QAExample(question, answers, positive_ids=_ids(record), stale_answers=stale,
+                                  line=number))
     return examples
 
 
@@ -133,7 +137,7 @@ def _read_dpr_csv(path: Path, split: str) -> list[QAExample]:
         except (ValueError, SyntaxError, MemoryError, RecursionError):
             raise InputError(f"answer list is not a list literal: {literal[:80]}", path=path, line=number,
                              fix=fix) from None
-        examples.append(QAExample(question, _answers(value, path=path, line=number, key="answers")))
+        examples.append(QAExample(question, _answers(value, path=path, line=number, key="answers"), line=number))
     return examples
 
 
@@ -172,7 +176,7 @@ def _read_pair(path: Path, split: str) -> list[QAExample]:
         if not answers:
             raise InputError("empty answer", path=target, line=number,
                              fix="Write one answer per line (several separated by tabs)")
-        examples.append(QAExample(question.strip(), answers))
+        examples.append(QAExample(question.strip(), answers, line=number))
     return examples
 
 
@@ -239,6 +243,14 @@ def read_questions(source: str | Path, *, split: str = "validation") -> list[QAE
         raise InputError("file not found", path=path, fix="Check the path")
     raise InputError("unknown question file type", path=path,
                      fix="Use NQ-Open .jsonl, DPR .csv/.tsv, .source/.target, or hf:<dataset>[:<config>]")
+
+
+def question_place(source: str | Path, example: QAExample, position: int) -> str:
+    """``FILE:LINE`` of an example, for messages about one question; ``SOURCE row N`` when the line is unknown.
+
+    ``position``: its 1-based place among the questions read (hub rows have no line).
+    """
+    return f"{source}:{example.line}" if example.line is not None else f"{source} row {position}"
 
 
 def _example_record(example: QAExample) -> dict[str, Any]:

@@ -12,7 +12,9 @@ from index.settings import IndexSettings
 from rag_models.checkpoint import MODES, saved_mode
 from rag_models.errors import InputError
 from training.config import instantiate
-from training.data.questions import QAExample, read_questions
+from training.data.questions import QAExample, question_place, read_questions
+
+LENGTH_SETTINGS = ("max_source_length", "max_question_length", "max_target_length")  # rag-eval may override these
 
 
 @dataclass(frozen=True)
@@ -35,6 +37,8 @@ class EvalJob:
         accelerator: "auto" (GPUs when present), "cpu" or "gpu".
         report_examples: answered questions shown in report.md.
         progress: a progress bar over the questions (rank 0).
+        max_source_length, max_question_length, max_target_length: replace the checkpoint's length settings
+            (`load_rag_model` overrides); None = as saved. Longer questions are cut to fit, never refused.
     """
 
     checkpoint: Path
@@ -52,6 +56,15 @@ class EvalJob:
     accelerator: str = "auto"
     report_examples: int = 5
     progress: bool = True
+    max_source_length: int | None = None
+    max_question_length: int | None = None
+    max_target_length: int | None = None
+
+    @property
+    def model_overrides(self) -> dict[str, int]:
+        """The checkpoint settings this job replaces (lengths and n_docs), for `load_rag_model`."""
+        names = ("max_source_length", "max_question_length", "max_target_length", "n_docs")
+        return {name: int(getattr(self, name)) for name in names if getattr(self, name) is not None}
 
     @property
     def index_path(self) -> Path | None:
@@ -88,6 +101,7 @@ def job_from_config(cfg: DictConfig) -> EvalJob:
         accelerator=str(trainer.get("accelerator", "auto")),
         report_examples=int(cfg.get("report_examples", 5)),
         progress=bool(cfg.get("progress", True)),
+        **{name: cfg.get(name) for name in LENGTH_SETTINGS},
     )
 
 
@@ -105,7 +119,8 @@ def check_job(job: EvalJob) -> None:
         raise InputError("index directory not found", path=job.index_path,
                          fix="Build it with `rag-build-index --out DIR`, or correct index.path")
     for setting, value in (("batch_size", job.batch_size), ("recall_depth", job.recall_depth),
-                           ("trainer.devices", job.devices), ("n_docs", job.n_docs), ("limit", job.limit)):
+                           ("trainer.devices", job.devices), ("n_docs", job.n_docs), ("limit", job.limit),
+                           *((name, getattr(job, name)) for name in LENGTH_SETTINGS)):
         if value is not None and int(value) < 1:
             raise InputError(f"{value} must be at least 1", setting=setting)
 
@@ -115,10 +130,11 @@ def load_examples(job: EvalJob) -> list[QAExample]:
     examples = read_questions(job.questions, split=job.split)[: job.limit]
     if not examples:
         raise InputError("no questions", path=job.questions, fix="Pass a file with at least one question")
-    seen: dict[str, int] = {}
+    seen: dict[str, str] = {}
     for number, example in enumerate(examples, start=1):
+        place = question_place(job.questions, example, number)
         if example.question in seen:  # predictions are keyed by question text, as in NQ-Open
-            raise InputError(f"question {number} repeats question {seen[example.question]}: {example.question!r}",
-                             path=job.questions, fix="Remove the duplicate question")
-        seen[example.question] = number
+            raise InputError(f"{place}: the question repeats {seen[example.question]}: {example.question[:80]!r}",
+                             fix="Remove the duplicate question")
+        seen[example.question] = place
     return examples

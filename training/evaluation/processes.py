@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import socket
+import sys
 import time
 from typing import Any
 
@@ -18,7 +19,7 @@ import torch.multiprocessing as mp
 
 from rag_models.errors import InputError
 from training.evaluation.job import EvalJob, load_examples
-from training.evaluation.records import decode_share, load_parts
+from training.evaluation.records import cut_questions, decode_share, load_parts
 from training.evaluation.report import metrics_from_records, write_outputs
 
 
@@ -53,6 +54,9 @@ def run_rank(job: EvalJob, rank: int = 0, world: int = 1, local_rank: int = 0) -
     device = rank_device(job.accelerator, local_rank)
     examples = load_examples(job)
     parts = load_parts(job, device, world_size=world)
+    cut = cut_questions(examples, parts.model, job) if rank == 0 else {}
+    for warning in cut.values():
+        print(f"rag-eval: warning: {warning}", file=sys.stderr)
     start, end = share_bounds(len(examples), rank, world)
     # A sharded index searches collectively: every rank runs as many batches as the largest share.
     sharded = world > 1 and job.index.sharded
@@ -65,7 +69,7 @@ def run_rank(job: EvalJob, rank: int = 0, world: int = 1, local_rank: int = 0) -
         records = [record for share in shares for record in share]
     if rank != 0:
         return None
-    metrics = metrics_from_records(records, job, parts, world)
+    metrics = metrics_from_records(records, job, parts, world, truncated=sorted(cut))
     metrics["seconds"] = round(time.perf_counter() - started, 3)
     write_outputs(job, records, metrics)
     return metrics

@@ -26,7 +26,7 @@ from index.retrieval import Retriever
 from rag_models.checkpoint import load_rag_model
 from rag_models.errors import InputError
 from rag_models.rag import RagModel
-from training.data.questions import QAExample
+from training.data.questions import QAExample, question_place
 from training.evaluation.answer_match import answer_ranks
 from training.evaluation.job import EvalJob
 from training.evaluation.metrics import exact_match
@@ -52,10 +52,11 @@ class EvalParts:
 def load_parts(job: EvalJob, device: torch.device, world_size: int = 1) -> EvalParts:
     """Load the checkpoint and open the index; check that they fit together before any decoding.
 
-    Raises InputError when the index's vectors have another dimension than the question
-    encoder's, or when n_docs exceeds the index size.
+    The job's length settings and n_docs replace the checkpoint's. Raises InputError naming the
+    setting when one exceeds the model's positions, when the index's vectors have another dimension
+    than the question encoder's, or when n_docs exceeds the index size.
     """
-    model = load_rag_model(job.checkpoint).to(device).eval()
+    model = load_rag_model(job.checkpoint, **job.model_overrides).to(device).eval()
     if job.mode == "closed_book":
         return EvalParts(model, None, 0, 0)
     retriever = job.index.open(world_size=world_size)
@@ -116,3 +117,19 @@ def decode_share(examples: list[QAExample], parts: EvalParts, job: EvalJob, *, r
     for _ in range(max(0, (n_batches or 0) - own)):
         parts.retriever.retrieve(torch.zeros(0, parts.retriever.dim), parts.depth)
     return records
+
+
+def cut_questions(examples: list[QAExample], model: RagModel, job: EvalJob) -> dict[int, str]:
+    """Every question the model cuts to fit its length settings: line (row for hub data) -> warning line.
+
+    The warning names ``FILE:LINE`` and each setting with the tokens before and after; the question is
+    still answered and scored, from its beginning.
+    """
+    cuts = model.question_cuts([e.question for e in examples], closed_book=job.mode == "closed_book")
+    found = {}
+    for position, (example, cut) in enumerate(zip(examples, cuts), start=1):
+        if cut:
+            where = question_place(job.questions, example, position)
+            found[example.line or position] = (f"{where}: question cut to fit {', '.join(map(str, cut))}, "
+                                               f"keeping its beginning: {example.question[:60]!r}...")
+    return found

@@ -7,6 +7,7 @@ Rank 0 scores the gathered records with rag-score's scorer and writes
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from dataclasses import asdict, replace
 from typing import Any
 
@@ -18,9 +19,12 @@ from training.evaluation.records import EvalParts
 RECALL_KS = (1, 5, 20, 100)
 
 
-def metrics_from_records(records: list[dict[str, Any]], job: EvalJob, parts: EvalParts,
-                         world: int) -> dict[str, Any]:
-    """EM / F1 (rag-score's scorer), recall@k, stale-answer EM, and what was run."""
+def metrics_from_records(records: list[dict[str, Any]], job: EvalJob, parts: EvalParts, world: int,
+                         truncated: Sequence[int] = ()) -> dict[str, Any]:
+    """EM / F1 (rag-score's scorer), recall@k, stale-answer EM, the questions cut to fit, and what was run.
+
+    ``truncated``: the file lines (rows for hub data) of the questions cut to fit the length settings.
+    """
     scores = score_predictions([{"question": r["question"], "answer": r["answers"]} for r in records],
                                {r["question"]: r["prediction"] for r in records})
     metrics: dict[str, Any] = dict(scores)
@@ -31,6 +35,7 @@ def metrics_from_records(records: list[dict[str, Any]], job: EvalJob, parts: Eva
     if stale:  # the changed questions of a swapped world: does the model still say the old answer?
         metrics["exact_match_stale"] = sum(r["correct_stale"] for r in stale) / len(stale)
         metrics["num_stale"] = len(stale)
+    metrics.update(truncated_questions=len(truncated), truncated_question_lines=list(truncated))
     if job.mode == "closed_book":  # the generator's own beam search over the question alone: no strategy
         beams = job.decoding.search_kwargs()["num_beams"]
         decoding = replace(job.decoding, strategy="closed_book", n_docs=0, num_beams=beams)
@@ -51,10 +56,15 @@ def render_report(metrics: dict[str, Any], records: list[dict[str, Any]], n_exam
              f"- checkpoint: `{metrics['checkpoint']}`", f"- questions: `{metrics['questions']}`",
              f"- index: `{metrics['index_path']}`",
              f"- mode: {metrics['mode']}, decoding: {metrics['decoding_summary']}, n_docs: {metrics['n_docs']}, "
-             f"processes: {metrics['devices']}", "", "| metric | value |", "|---|---|"]
+             f"processes: {metrics['devices']}"]
+    if metrics.get("truncated_questions"):
+        shown = ", ".join(str(n) for n in metrics["truncated_question_lines"])
+        lines.append(f"- truncated questions: {metrics['truncated_questions']} (cut to fit the length settings, "
+                     f"their beginning answered; lines {shown})")
+    lines += ["", "| metric | value |", "|---|---|"]
     for key, value in metrics.items():
         if key in ("exact_match", "f1", "exact_match_stale", "num_correct", "num_total", "num_stale",
-                   "missing_predictions", "seconds") or key.startswith("recall@"):
+                   "missing_predictions", "truncated_questions", "seconds") or key.startswith("recall@"):
             shown = f"{value:.4f}" if isinstance(value, float) and key != "seconds" else value
             lines.append(f"| {key} | {shown} |")
     lines += ["", f"## First {min(n_examples, len(records))} questions", ""]

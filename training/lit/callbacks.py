@@ -2,6 +2,7 @@
 
 - `SamplePredictions`: after each validation, a few questions with the model's
   answer, the references and the titles of the passages it read, as TensorBoard text.
+- `LongQuestions`: once, how many training questions are cut to fit the length settings, and where.
 - `Throughput`: questions/s and tokens/s of the optimizer-side step, all ranks together.
 - `IndexRefresh` (end-to-end mode): on a schedule such as ``"0-1000:500,1000-10000:2000"``
   re-encode the corpus with the context encoder being trained, build a new index,
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import shutil
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -22,6 +24,7 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from index.encode import encode_corpus, load_shards, make_embed_fn
 from index.faiss_index import DenseIndex
 from rag_models.errors import InputError
+from training.data.questions import question_place
 from training.lit.schedule import parse_refresh_schedule, refresh_due
 
 log = logging.getLogger(__name__)
@@ -61,6 +64,35 @@ class SamplePredictions(pl.Callback):
             if isinstance(logger, TensorBoardLogger):
                 logger.experiment.add_text("val/samples", text, global_step=trainer.global_step)
         log.info("step %d sample predictions:\n%s", trainer.global_step, text)
+
+
+class LongQuestions(pl.Callback):
+    """Warns once, at the start of training, how many training questions are cut to fit the length settings.
+
+    A question longer than ``max_question_length`` or than the generator's question budget
+    (`RagModel.question_cuts`) is trained on from its beginning, never refused; this says how many
+    and where the first few are. Does nothing for a module without a RagModel (DPR pre-training).
+
+    Args:
+        shown: ``FILE:LINE`` places named in the warning.
+    """
+
+    def __init__(self, *, shown: int = 5) -> None:
+        self.shown = shown
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        model = getattr(pl_module, "model", None)
+        examples = getattr(trainer.datamodule, "splits", {}).get("train", [])
+        if not trainer.is_global_zero or not examples or not hasattr(model, "question_cuts"):
+            return
+        cuts = model.question_cuts([e.question for e in examples], closed_book=pl_module.mode == "closed_book")
+        source = trainer.datamodule.files["train"][0]
+        places = [question_place(source, e, n) for n, (e, cut) in enumerate(zip(examples, cuts), start=1) if cut]
+        if places:
+            more = ", ..." if len(places) > self.shown else ""
+            print(f"rag-train: warning: {len(places)} of {len(examples)} training questions are longer than the "
+                  f"length settings and are cut to their beginning ({', '.join(places[: self.shown])}{more})",
+                  file=sys.stderr, flush=True)
 
 
 class Throughput(pl.Callback):
