@@ -29,7 +29,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from index.builders import build_from_vectors
+from index.builders import build_from_vectors, check_factory
 from index.dataset_import import import_dataset
 from index.documents import document_files, documents_fingerprint, iter_document_passages
 from index.encode import encode_corpus, load_shards, make_embed_fn, resolve_rank
@@ -75,12 +75,13 @@ def _reusable_vectors(index_dir: Path, store: PassageStore, encoder: str) -> np.
     return np.load(index_dir / "vectors.npy", mmap_mode="r")  # (N, D)
 
 
-def _encode(store: PassageStore, out: Path, *, encoder: str, batch_size: int, shard_size: int, max_length: int,
-            fp16: bool, device: str, progress: bool) -> None:
-    """Encode this rank's shards with the context encoder (skips finished shards)."""
+def _encode(store: PassageStore, out: Path, *, encoder: str, factory: str, train_sample: int, batch_size: int,
+            shard_size: int, max_length: int, fp16: bool, device: str, progress: bool) -> None:
+    """Encode this rank's shards with the context encoder (skips finished shards), once ``factory`` fits its D."""
     from rag_models.retriever import load_encoder  # the model package is only needed when encoding
 
     model, tokenizer = load_encoder(encoder, role="context")
+    check_factory(factory, dim=model.dim, count=len(store), train_sample=train_sample)  # before hours of encoding
     embed = make_embed_fn(model, tokenizer, max_length=max_length, device=device, fp16=fp16)
     encode_corpus(store, embed, out / "shards", batch_size=batch_size, shard_size=shard_size,
                   encoder_name=encoder, progress=progress)
@@ -124,8 +125,8 @@ def build_index(
         return index_dir
     encode_seconds = 0.0
     if existing is None:
-        _encode(store, out, encoder=encoder, batch_size=batch_size, shard_size=shard_size, max_length=max_length,
-                fp16=fp16, device=device, progress=progress)
+        _encode(store, out, encoder=encoder, factory=factory, train_sample=train_sample, batch_size=batch_size,
+                shard_size=shard_size, max_length=max_length, fp16=fp16, device=device, progress=progress)
         encode_seconds = time.time() - started
         if world > 1:
             dist.barrier()  # every rank's shards are on disk

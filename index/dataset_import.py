@@ -29,7 +29,7 @@ import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import faiss
 import numpy as np
@@ -37,7 +37,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from tqdm import tqdm
 
-from index.builders import build_from_vectors
+from index.builders import build_from_vectors, check_factory
 from index.dataset_sources import ID_COLUMN, Batch, DatasetSource, open_source
 from index.encode import PLAN_NAME, check_plan, load_shards, publish_shard, shard_done, shard_path, shard_ranges
 from index.manifest import FAISS_NAME, MANIFEST_NAME, VECTORS_NAME, IndexManifest, write_vectors
@@ -129,9 +129,11 @@ class _ShardWriter:
         count: N, the dataset's rows. shard_size: rows per shard.
         dim: the D every embedding must have (from --faiss-index), or None: taken from the finished shards,
             else from the first row converted. origin: where ``dim`` came from, for messages.
+        check_dim: called with D as soon as it is known, before any shard is written (e.g. `check_factory`).
     """
 
-    def __init__(self, directory: Path, count: int, shard_size: int, dim: int | None, origin: str) -> None:
+    def __init__(self, directory: Path, count: int, shard_size: int, dim: int | None, origin: str,
+                 check_dim: Callable[[int], None] = lambda dim: None) -> None:
         self.directory, self.shard_size = directory, shard_size
         self.ranges = shard_ranges(count, shard_size)
         self.todo = [n for n, (start, end) in enumerate(self.ranges) if not shard_done(directory, n, start, end)]
@@ -143,6 +145,9 @@ class _ShardWriter:
                 raise InputError(f"finished shards hold {sidecar['dim']}-d vectors, not {dim} ({origin})",
                                  path=directory, fix="Delete this directory to import again")
             self.dim, self.origin = int(sidecar["dim"]), f"the dimension of the finished shards in {directory}"
+        self.check_dim = check_dim
+        if self.dim is not None:
+            check_dim(self.dim)
         self._todo = set(self.todo)
         self._buffer: np.ndarray | None = None  # (rows of the shard being filled, D)
 
@@ -154,6 +159,7 @@ class _ShardWriter:
         """Store ``vectors`` (n, D), rows [row, row + n) of one shard; publish the shard when it is full."""
         if self.dim is None:
             self.dim, self.origin = vectors.shape[1], f"like row {row}, the first one read"
+            self.check_dim(self.dim)
         number = row // self.shard_size
         start, end = self.ranges[number]
         if row == start:
@@ -345,13 +351,18 @@ def _shard_plan(directory: Path, plan: dict) -> None:
 
 
 def _import_vectors(dataset: DatasetSource, out: Path, store: PassageStore | None, count: int, shard_size: int,
-                    foreign: _FaissFile | None, progress: bool) -> tuple[PassageStore, np.ndarray]:
-    """The store (built unless given) and the (N, D) vectors, memory-mapped from OUT/shards/vectors.npy."""
+                    foreign: _FaissFile | None, progress: bool,
+                    check_dim: Callable[[int], None]) -> tuple[PassageStore, np.ndarray]:
+    """The store (built unless given) and the (N, D) vectors, memory-mapped from OUT/shards/vectors.npy.
+
+    ``check_dim`` sees D before any shard is written (refusing, e.g., a factory that does not fit it).
+    """
     shards_dir = out / "shards"
     _shard_plan(shards_dir, {"count": count, "shard_size": shard_size, "source": dataset.fingerprint(),
                              "vectors": "precomputed"})
     dim = None if foreign is None else int(foreign.index.d)
-    writer = _ShardWriter(shards_dir, count, shard_size, dim, f"the dimension of {foreign.path}" if foreign else "")
+    writer = _ShardWriter(shards_dir, count, shard_size, dim, f"the dimension of {foreign.path}" if foreign else "",
+                          check_dim)
     if writer.todo or store is None:
         built = _import_pass(dataset, count, store_dir=None if store else out / "passages",
                              shards=writer if writer.todo else None, shard_size=shard_size, progress=progress)
@@ -393,7 +404,11 @@ def import_dataset(
     foreign = _open_faiss_file(Path(faiss_index), count) if faiss_index is not None else None
     vectors = _reusable_vectors(index_dir, store)
     if vectors is None:
-        store, vectors = _import_vectors(dataset, out, store, count, shard_size, foreign, progress)
+        def check_dim(dim: int) -> None:  # a --factory that cannot index count x dim vectors: before any copying
+            if foreign is None:
+                check_factory(factory, dim=dim, count=count, train_sample=train_sample)
+
+        store, vectors = _import_vectors(dataset, out, store, count, shard_size, foreign, progress, check_dim)
     elif foreign is None and _same_build(IndexManifest.load(index_dir), factory, encoder):
         print(f"rag-build-index: {index_dir} is up to date ({count:,} passages, {factory})")
         return index_dir

@@ -148,6 +148,30 @@ def test_rerun_is_up_to_date_and_new_factory_reuses_vectors(setup, monkeypatch, 
     assert len(Retriever.from_dir(root / "again", backend="torch")) == 30
 
 
+@pytest.mark.parametrize("factory, problem", [
+    ("IVF256,PQ8", "256 IVF lists, but only 30 vectors"),  # more lists than passages
+    ("PQ7", "multiple of the number of subquantizers"),  # 7 does not divide D=32
+    ("PQ4", "256 PQ centroids per sub-quantizer"),  # 2^8 codes per sub-quantizer, 30 vectors
+])
+def test_factory_that_cannot_fit_is_refused_before_encoding(setup, tmp_path, monkeypatch, factory, problem):
+    root, _, encoder = setup
+
+    def no_encoding(*args, **kwargs):
+        raise AssertionError("encoded although the factory cannot be built")
+
+    monkeypatch.setattr(build_cli, "encode_corpus", no_encoding)
+    with pytest.raises(InputError, match=problem) as refused:
+        build_index(root / "psgs.tsv", encoder, tmp_path / "out", factory=factory, max_length=64, progress=False)
+    assert "--factory" in str(refused.value) or "index.factory" in str(refused.value)
+    assert not (tmp_path / "out" / "shards").exists()
+
+
+def test_factory_that_fits_small_corpus_is_built(setup, tmp_path):
+    root, _, encoder = setup
+    build_index(root / "psgs.tsv", encoder, tmp_path / "out", factory="IVF2,PQ4x4", max_length=64, progress=False)
+    assert IndexManifest.load(tmp_path / "out" / "index").factory == "IVF2,PQ4x4"
+
+
 def test_changed_passage_file_is_refused(setup, tmp_path, capsys):
     root, corpus, encoder = setup
     write_passages_tsv(corpus[:10], tmp_path / "psgs.tsv")

@@ -325,3 +325,10 @@ def test_a_wrong_length_in_the_first_batch_names_what_it_was_compared_with(tmp_p
     with pytest.raises(InputError, match=r"row 2 of the dataset: embedding of 3 values, not 16 \(like the first row "
                        r"read\)"):
         import_dataset(tmp_path / "kb.parquet", tmp_path / "out", progress=False)
+
+
+def test_factory_that_cannot_fit_is_refused_before_any_shard(data, tmp_path):
+    for factory, problem in [("IVF64,Flat", "64 IVF lists, but only 50 vectors"), ("PQ5", "subquantizers")]:
+        with pytest.raises(InputError, match=problem):
+            import_dataset(data["parquet_file"], tmp_path / factory, factory=factory, shard_size=16, progress=False)
+        assert not list((tmp_path / factory / "shards").glob("shard_*.npy"))
