@@ -63,7 +63,7 @@ class Answer:
         text: the decoded answer.
         score: the decoder's score of it (see GenerationResult.scores).
         doc_ids: the K retrieved passages' rows in the passage store, retrieval order (empty closed-book).
-        titles: their titles.
+        titles: their titles, or their passage ids where a title is empty (`RetrievedDocs.names`).
         posteriors: p(z_k|x,y) for each of them (sums to 1).
         alternatives: the next best answers when num_return_sequences > 1, best first.
     """
@@ -201,7 +201,7 @@ def decode_retrieved(questions: list[str], model: RagModel, retrieval: Retrieval
         result = STRATEGIES[settings.strategy](model.generator.model, ids.to(q.device), mask.to(q.device), scores,
                                                n_docs=k, **settings.search_kwargs())
     doc_ids = [[int(i) for i in row] for row in docs.ids.tolist()]
-    return to_answers(result, model.generator.decode(result.sequences), doc_ids, docs.titles)
+    return to_answers(result, model.generator.decode(result.sequences), doc_ids, docs.shown_names)
 
 
 def answer(questions: list[str], retriever: RetrieverLike, model: RagModel, settings: DecodingSettings | None = None,

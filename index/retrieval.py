@@ -68,6 +68,17 @@ def _load_sharded(path: Path, *, backend: str, **options) -> SearchIndex:
 _LOADERS: dict[str, Callable[..., SearchIndex]] = {"faiss": _load_faiss, "torch": _load_torch}
 
 
+def _names(passages: object, rows: np.ndarray, titles: list[str]) -> list[str]:
+    """What provenance shows for passage ``rows`` (n,): each title, or the passage id where the title is empty."""
+    untitled = [i for i, title in enumerate(titles) if not title]
+    if not untitled:
+        return titles
+    names = list(titles)
+    for i, pid in zip(untitled, passages.ids(rows[untitled])):
+        names[i] = pid
+    return names
+
+
 class Retriever:
     """Top-K retrieval for a batch of question vectors; hot-swappable index.
 
@@ -170,6 +181,7 @@ class Retriever:
         vectors = index.vectors(ids)  # (B, k, D)
         flat = ids.reshape(-1)  # (B*k,)
         titles, texts = index.passages.titles(flat), index.passages.texts(flat)
+        names = _names(index.passages, flat, titles)
         device, dtype = question_vectors.device, question_vectors.dtype
         return RetrievedDocs(
             ids=torch.from_numpy(ids).to(device),
@@ -177,6 +189,7 @@ class Retriever:
             vectors=torch.from_numpy(vectors).to(device, dtype),
             titles=[titles[row * k:(row + 1) * k] for row in range(ids.shape[0])],
             texts=[texts[row * k:(row + 1) * k] for row in range(ids.shape[0])],
+            names=[names[row * k:(row + 1) * k] for row in range(ids.shape[0])],
         )
 
     def swap(self, path: str | Path) -> None:

@@ -15,8 +15,10 @@ class RetrievedDocs:
         scores: (B, K) float, inner products as the index computed them (no grad).
         vectors: (B, K, D) float, the stored passage vectors; the model recomputes
             ``q · d`` from these so that gradients reach the question encoder.
-        titles: B lists of K passage titles.
+        titles: B lists of K passage titles, as the generator reads them (maybe empty).
         texts: B lists of K passage texts.
+        names: B lists of K names to show a user: the title, or the passage id where the title is empty;
+            None: the titles (docs not from a passage store).
     """
 
     ids: torch.Tensor
@@ -24,6 +26,12 @@ class RetrievedDocs:
     vectors: torch.Tensor
     titles: list[list[str]]
     texts: list[list[str]]
+    names: list[list[str]] | None = None
+
+    @property
+    def shown_names(self) -> list[list[str]]:
+        """``names`` when known, else the titles: what provenance shows for each doc."""
+        return self.names if self.names is not None else self.titles
 
     @property
     def n_docs(self) -> int:
@@ -37,6 +45,7 @@ class RetrievedDocs:
             vectors=self.vectors.to(device),
             titles=self.titles,
             texts=self.texts,
+            names=self.names,
         )
 
     def first(self, k: int) -> "RetrievedDocs":
@@ -47,4 +56,5 @@ class RetrievedDocs:
             vectors=self.vectors[:, :k],
             titles=[row[:k] for row in self.titles],
             texts=[row[:k] for row in self.texts],
+            names=None if self.names is None else [row[:k] for row in self.names],
         )
