@@ -109,3 +109,22 @@ def test_checkpoint_files_are_atomic_and_loaded_safely(tmp_path: Path):
     torch.save({"x": Evil()}, tmp_path / "evil.ckpt")
     with pytest.raises(InputError):
         safe_torch_load(tmp_path / "evil.ckpt")  # weights_only refuses arbitrary objects
+
+
+class StepMetric(pl.Callback):
+    """Logs the global step at every validation: a monitored value that improves each time (best is saved)."""
+
+    def on_validation_epoch_end(self, trainer, pl_module) -> None:
+        pl_module.log("check/step", float(trainer.global_step))
+
+
+def test_resumed_run_overwrites_best_ckpt(tiny_setup: TinySetup, tmp_path: Path):
+    """Lightning's version counter would write best-v1.ckpt beside the best.ckpt of the first run."""
+    options = ("trainer.val_check_interval=2", "monitor=check/step", "monitor_mode=max")
+    train(_config(tiny_setup, tmp_path, "trainer.max_steps=2", *options), extra_callbacks=[StepMetric()])
+    checkpoints = tmp_path / "checkpoints"
+    assert safe_torch_load(checkpoints / "best.ckpt")["global_step"] == 2
+    train(_config(tiny_setup, tmp_path, "trainer.max_steps=4", "ckpt_path=last", *options),
+          extra_callbacks=[StepMetric()])
+    assert sorted(p.name for p in checkpoints.glob("best*.ckpt")) == ["best.ckpt"]
+    assert safe_torch_load(checkpoints / "best.ckpt")["global_step"] == 4  # the later, better one
