@@ -50,7 +50,11 @@ def passage_format(path: str | Path) -> str:
 
 
 def iter_passages(path: str | Path) -> Iterator[Passage]:
-    """Stream the passages of a DPR TSV or a JSONL file (format chosen by suffix)."""
+    """Stream the passages of a DPR TSV or a JSONL file (format chosen by suffix): the one passage reader.
+
+    Lines are read by :func:`iter_lines` (BOM dropped, CRLF accepted, blank lines skipped); an empty file
+    raises. Repeated ids are not checked here (a 21M-passage set would not fit): ``PassageStore`` refuses them.
+    """
     reader = _iter_tsv if passage_format(path) == "tsv" else _iter_jsonl
     return reader(Path(path))
 
@@ -58,7 +62,10 @@ def iter_passages(path: str | Path) -> Iterator[Passage]:
 def iter_lines(path: str | Path, *, skip_blank: bool = True) -> Iterator[tuple[int, str]]:
     """(1-based line number, decoded line without its end) for a text or ``.gz`` file.
 
-    Blank lines are skipped unless ``skip_blank`` is False (line-aligned files need them).
+    Every reader of questions, references, predictions, passages and DPR training files goes through here,
+    so they all treat a file the same way: a UTF-8 byte-order mark at the start is dropped (Windows editors
+    write one), ``\r\n`` line ends are accepted, blank lines are skipped unless ``skip_blank`` is False
+    (line-aligned files need them), and bytes that are not UTF-8 raise InputError naming the file and line.
     """
     path = Path(path)
     try:
@@ -72,6 +79,8 @@ def iter_lines(path: str | Path, *, skip_blank: bool = True) -> Iterator[tuple[i
         try:
             for number, data in enumerate(raw, start=1):
                 line = data.rstrip(b"\n").rstrip(b"\r").decode("utf-8")
+                if number == 1:
+                    line = line.removeprefix("\ufeff")
                 if line.strip() or not skip_blank:
                     yield number, line
         except UnicodeDecodeError:
@@ -91,7 +100,7 @@ def _unquote(field: str) -> str:
 
 def _tsv_header(path: Path, number: int, line: str) -> tuple[dict[str, int], int]:
     """(column name -> position, number of columns), checking that id, text and title are each present once."""
-    names = [name.strip() for name in line.lstrip("\ufeff").split("\t")]  # a BOM from Windows editors
+    names = [name.strip() for name in line.split("\t")]
     seen: set[str] = set()
     for name in names:
         if name in seen:
@@ -164,9 +173,13 @@ def _jsonl_passage(path: Path, number: int, line: str) -> Passage:
 
 
 def _iter_jsonl(path: Path) -> Iterator[Passage]:
-    """Passages of a JSONL file, one object a line."""
+    """Passages of a JSONL file, one object a line; an empty file is an InputError, as for the TSV."""
+    number = 0
     for number, line in iter_lines(path):
         yield _jsonl_passage(path, number, line)
+    if number == 0:
+        raise InputError("the file holds no passages", path=path,
+                         fix='Write one object {"id": ..., "title": ..., "text": ...} a line')
 
 
 def _quote(field: str) -> str:

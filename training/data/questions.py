@@ -228,11 +228,24 @@ _READERS: dict[str, Callable[[Path, str], list[QAExample]]] = {
 def read_questions(source: str | Path, *, split: str = "validation") -> list[QAExample]:
     """Read questions from a file (format by suffix), a .source/.target prefix or folder, or ``hf:name[:config]``.
 
+    The one question reader: rag-train (QADataModule), rag-eval (``load_examples``) and rag-score (its
+    references) all call it. Files are read by :func:`index.passage_files.iter_lines`: a UTF-8 BOM is
+    dropped, CRLF accepted, blank lines skipped (not in .source/.target, whose lines must align), bytes that
+    are not UTF-8 raise. A file without any question raises InputError naming it. Repeated questions are
+    kept (training pairs may repeat); commands keyed by question text call :func:`refuse_repeats`.
     ``split`` picks the hub split, or ``{split}.source`` inside a directory.
     """
     if isinstance(source, str) and source.startswith("hf:"):
         return _read_hub(source, split)
     path = Path(source)
+    examples = _read_local(path, split)
+    if not examples:
+        raise InputError("no questions in the file", path=path, fix="Pass a file with at least one question")
+    return examples
+
+
+def _read_local(path: Path, split: str) -> list[QAExample]:
+    """The reader chosen by the file name (or a .source/.target prefix or folder)."""
     name = path.name.lower()
     for suffix, reader in _READERS.items():
         if name.endswith(suffix):
@@ -251,6 +264,21 @@ def question_place(source: str | Path, example: QAExample, position: int) -> str
     ``position``: its 1-based place among the questions read (hub rows have no line).
     """
     return f"{source}:{example.line}" if example.line is not None else f"{source} row {position}"
+
+
+def refuse_repeats(examples: list[QAExample], source: str | Path) -> None:
+    """InputError ``FILE:LINE: the question repeats FILE:LINE`` for the first question seen twice.
+
+    rag-eval and rag-score key predictions by question text (as NQ-Open does), so a repeat would be
+    answered once and scored twice (or collapse silently); rag-train accepts repeats.
+    """
+    seen: dict[str, str] = {}
+    for number, example in enumerate(examples, start=1):
+        place = question_place(source, example, number)
+        if example.question in seen:
+            raise InputError(f"{place}: the question repeats {seen[example.question]}: {example.question[:80]!r}",
+                             fix="Remove the duplicate question")
+        seen[example.question] = place
 
 
 def _example_record(example: QAExample) -> dict[str, Any]:
@@ -322,7 +350,7 @@ def _load_array(path: Path) -> list[Any]:
     """json.load a whole DPR training file (they are modest) and check that it is an array."""
     opener = gzip.open if path.name.lower().endswith(".gz") else open
     try:
-        with opener(path, "rt", encoding="utf-8") as handle:
+        with opener(path, "rt", encoding="utf-8-sig") as handle:  # a BOM is dropped, as iter_lines does
             data = json.load(handle)
     except FileNotFoundError:
         raise InputError("file not found", path=path, fix="Check the path") from None

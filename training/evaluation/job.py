@@ -12,7 +12,7 @@ from index.settings import IndexSettings
 from rag_models.checkpoint import MODES, saved_mode
 from rag_models.errors import InputError
 from training.config import instantiate
-from training.data.questions import QAExample, question_place, read_questions
+from training.data.questions import QAExample, read_questions, refuse_repeats
 
 LENGTH_SETTINGS = ("max_source_length", "max_question_length", "max_target_length")  # rag-eval may override these
 
@@ -130,11 +130,5 @@ def load_examples(job: EvalJob) -> list[QAExample]:
     examples = read_questions(job.questions, split=job.split)[: job.limit]
     if not examples:
         raise InputError("no questions", path=job.questions, fix="Pass a file with at least one question")
-    seen: dict[str, str] = {}
-    for number, example in enumerate(examples, start=1):
-        place = question_place(job.questions, example, number)
-        if example.question in seen:  # predictions are keyed by question text, as in NQ-Open
-            raise InputError(f"{place}: the question repeats {seen[example.question]}: {example.question[:80]!r}",
-                             fix="Remove the duplicate question")
-        seen[example.question] = place
+    refuse_repeats(examples, job.questions)  # predictions are keyed by question text, as in NQ-Open
     return examples

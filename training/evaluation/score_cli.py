@@ -18,7 +18,7 @@ from typing import Any
 
 from index.passage_files import iter_lines
 from rag_models.errors import InputError
-from training.data.questions import QAExample, read_questions
+from training.data.questions import QAExample, read_questions, refuse_repeats
 from training.evaluation.metrics import compile_pattern, score_predictions
 
 PREDICTION_FIX = 'Each line must be one object {"question": "...", "prediction": "..."}'
@@ -81,6 +81,7 @@ def check_patterns(references: list[QAExample], path: str | Path) -> None:
 def score_files(references: str | Path, predictions: str | Path, *, regex: bool = False) -> dict:
     """Read both files and score them (see :func:`training.evaluation.metrics.score_predictions`)."""
     examples = read_questions(references)
+    refuse_repeats(examples, references)  # by_question would silently keep one of them
     if regex:
         check_patterns(examples, references)
     known = {example.question.strip() for example in examples}
