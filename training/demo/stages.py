@@ -27,6 +27,7 @@ from index.passage_files import iter_passages
 from rag_models.atomic import atomic_write_text
 from rag_models.tiny_models import CheckpointPaths, TinyBartSize, TinyDprSize, save_tiny_checkpoints
 from training.config import compose
+from training.data.questions import read_questions
 from training.demo.world import WorldFiles, world_files, write_world
 from training.evaluation.eval_cli import evaluate
 from training.lit.train_cli import TrainResult, train
@@ -171,7 +172,7 @@ def make_tiny_models(out: Path, world: WorldFiles, plan: DemoPlan, seed: int) ->
     arrives later, as it would in reality, and test questions stay unseen.
     """
     texts = [f"{p.title} {p.text}" for p in iter_passages(world.v1_passages)]
-    texts += [json.loads(line)["question"] for line in world.train.read_text(encoding="utf-8").splitlines()]
+    texts += [example.question for example in read_questions(world.train)]
     return save_tiny_checkpoints(out / "tiny", texts, dpr_size=plan.dpr_size, bart_size=plan.bart_size, seed=seed)
 
 

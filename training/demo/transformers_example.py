@@ -21,7 +21,6 @@ transformers side with the same functions (tests/test_transformers_pipeline.py).
 from __future__ import annotations
 
 import argparse
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -41,6 +40,7 @@ from transformers import (
 
 from index.passage_files import iter_passages
 from rag_models.tiny_models import CheckpointPaths, TinyBartSize, TinyDprSize, save_tiny_checkpoints
+from training.data.questions import read_questions
 from training.demo.world import write_world
 
 HF_CLASSES: dict[str, type] = {"sequence": RagSequenceForGeneration, "token": RagTokenForGeneration}
@@ -157,7 +157,7 @@ def make_example(out: str | Path, *, seed: int = 0) -> KnowledgeDataset:
     world = write_world(out / "world", seed=seed, n_entities=100, n_dev=10, n_test=10)
     passages = list(iter_passages(world.v1_passages))
     texts = [f"{p.title} {p.text}" for p in passages]
-    texts += [json.loads(line)["question"] for line in world.train.read_text().splitlines()]
+    texts += [example.question for example in read_questions(world.train)]
     checkpoints = save_tiny_checkpoints(out / "tiny", texts, seed=seed, dpr_size=TinyDprSize(hidden_size=64),
                                         bart_size=TinyBartSize(d_model=64, layers=2, heads=2, ffn_dim=128,
                                                                vocab_size=300, dropout=0.0))
