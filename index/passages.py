@@ -142,16 +142,19 @@ class PassageStore:
         """Convert a DPR TSV / JSONL passage file into a store at ``out_dir`` (atomic, replaces an old one)."""
         source_path = Path(source_path)
         return cls.from_passages(iter_passages(source_path), out_dir, progress=progress,
-                                 source=source_fingerprint(source_path))
+                                 source=source_fingerprint(source_path), where=source_path)
 
     @classmethod
     def from_passages(cls, passages: Iterable[Passage], out_dir: str | Path, *, progress: bool = True,
-                      source: dict | None = None) -> "PassageStore":
-        """Write any iterable of passages into a store at ``out_dir`` (atomic: temp dir, then rename)."""
+                      source: dict | None = None, where: str | Path | None = None) -> "PassageStore":
+        """Write any iterable of passages into a store at ``out_dir`` (atomic: temp dir, then rename).
+
+        ``where``: the file the passages came from, named by the error about a repeated id.
+        """
         with atomic_directory(out_dir) as tmp:
             meta = _write_columns(passages, tmp, progress)
             if meta["id_mode"] == "hash":
-                _write_id_table(tmp, meta["count"])
+                _write_id_table(tmp, meta["count"], where)
             unused = ([] if meta["id_mode"] == "hash" else ["ids"]) + ([] if meta.get(_SOURCES) else [_SOURCES])
             for name in unused:  # ids implied by their rows; no passage with a source
                 for suffix in ("bin", "off"):
@@ -263,7 +266,7 @@ def _write_columns(passages: Iterable[Passage], directory: Path, progress: bool)
     return meta
 
 
-def _write_id_table(directory: Path, count: int) -> None:
+def _write_id_table(directory: Path, count: int, where: str | Path | None = None) -> None:
     """Sorted id hashes + rows for O(log N) on-disk lookups; refuses duplicate ids."""
     offsets = np.memmap(directory / "ids.off", dtype=np.int64, mode="r")  # (N+1,)
     blob = np.memmap(directory / "ids.bin", dtype=np.uint8, mode="r")
@@ -280,6 +283,6 @@ def _write_id_table(directory: Path, count: int) -> None:
         id_b = blob[offsets[row_b]:offsets[row_b + 1]].tobytes().decode("utf-8")
         if id_a == id_b:
             raise InputError(f"passage id {id_a!r} appears twice (passages #{row_a + 1} and #{row_b + 1})",
-                             setting="passages", fix="Give every passage a unique id")
+                             path=where, setting="passages", fix="Give every passage a unique id")
     sorted_hashes.tofile(directory / "id_hash.u64")
     order.astype(np.int64).tofile(directory / "id_row.i64")

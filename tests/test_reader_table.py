@@ -69,12 +69,12 @@ PASSAGE_TABLE = {
     "p.tsv": _variants(TSV, "2\tBeta text", "\tBeta text\tB", TSV[1], PASSAGES,
                        {"missing": "line {line}: 2 tab-separated fields, the header has 3",
                         "wrong": "line {line}: empty passage id",
-                        "repeat": "passage id '1' appears twice", "empty": r"p\.tsv: the file is empty"},
+                        "repeat": r"p\.tsv: passage id .1. appears twice", "empty": r"p\.tsv: the file is empty"},
                        first=2),
     "p.jsonl": _variants(PJ, '{"id": "2", "title": "B"}', '{"id": "2", "title": 5, "text": "Beta text"}', PJ[0],
                          PASSAGES, {"missing": "line {line}: missing key `text`",
                                     "wrong": "line {line}: `title` must be a string, got int",
-                                    "repeat": "passage id '1' appears twice",
+                                    "repeat": r"p\.jsonl: passage id .1. appears twice",
                                     "empty": r"p\.jsonl: the file holds no passages"}),
 }
 
