@@ -17,6 +17,7 @@ from index.passage_files import iter_passages
 from index.passages import PassageStore
 from rag_models.errors import InputError
 from training.data.qa_datamodule import QADataModule
+from training.data.questions import read_dpr_training
 from training.evaluation.job import EvalJob, load_examples
 from training.evaluation.score_cli import score_files
 
@@ -160,3 +161,14 @@ def test_source_target_pair_bom_crlf_and_bad_bytes(tmp_path: Path) -> None:
     (tmp_path / "q.target").write_bytes(b"x\n" + BAD_UTF8 + b"\n")
     messages = {_outcome(lambda: read(path)) for read in (_rag_eval, _rag_train, _rag_score)}
     assert len(messages) == 1 and "q.target, line 2: not valid UTF-8" in messages.pop()
+
+
+def test_dpr_training_bom_and_crlf_in_both_layouts(tmp_path: Path) -> None:
+    """read_dpr_training (DPRDataModule's one reader) drops a BOM and accepts CRLF in .jsonl and .json alike."""
+    record = ('{"question": "who a", "answers": ["x"], '
+              '"positive_ctxs": [{"title": "A", "text": "t", "passage_id": "1"}]}')
+    (tmp_path / "d.jsonl").write_bytes(BOM + (record + "\r\n").encode() * 2)
+    (tmp_path / "d.json").write_bytes(BOM + f"[{record},\r\n{record}]\r\n".encode())
+    examples = read_dpr_training(tmp_path / "d.jsonl")
+    assert examples == read_dpr_training(tmp_path / "d.json") and len(examples) == 2
+    assert examples[0].question == "who a" and examples[0].positives[0].id == "1"
