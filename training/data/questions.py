@@ -330,7 +330,9 @@ def _dpr_example(record: Any, *, path: Path, line: int | None, at: str) -> DprEx
 def read_dpr_training(path: str | Path, *, drop_without_positives: bool = True) -> list[DprExample]:
     """DPR retriever-training data: the original JSON array (``.json``) or one object a line (``.jsonl``).
 
-    Like DPR, examples without a positive passage are dropped unless told otherwise.
+    Like DPR, examples without a positive passage are dropped unless told otherwise. A file without any
+    object (empty, or only blank lines / ``[]``) raises InputError naming it, so a training file and a dev
+    file fail alike; bytes that are not UTF-8 name the line in both layouts.
     """
     path = Path(path)
     name = path.name.lower()
@@ -343,6 +345,9 @@ def read_dpr_training(path: str | Path, *, drop_without_positives: bool = True) 
     else:
         raise InputError("unknown DPR training file type", path=path,
                          fix="Use DPR's .json (one array) or .jsonl (one object a line)")
+    if not examples:
+        raise InputError("no DPR training examples in the file", path=path,
+                         fix="Pass a file with at least one DPR training object")
     return [e for e in examples if e.positives or not drop_without_positives]
 
 
@@ -350,10 +355,15 @@ def _load_array(path: Path) -> list[Any]:
     """json.load a whole DPR training file (they are modest) and check that it is an array."""
     opener = gzip.open if path.name.lower().endswith(".gz") else open
     try:
-        with opener(path, "rt", encoding="utf-8-sig") as handle:  # a BOM is dropped, as iter_lines does
-            data = json.load(handle)
+        with opener(path, "rb") as handle:
+            raw = handle.read().removeprefix(b"\xef\xbb\xbf")  # a BOM is dropped, as iter_lines does
+        text = raw.decode("utf-8")
+        data = json.loads(text) if text.strip() else []  # an empty file holds no examples
     except FileNotFoundError:
         raise InputError("file not found", path=path, fix="Check the path") from None
+    except UnicodeDecodeError as err:  # the line, as iter_lines names it for .jsonl
+        raise InputError("not valid UTF-8", path=path, line=raw[:err.start].count(b"\n") + 1,
+                         fix="Re-encode the file as UTF-8") from None
     except json.JSONDecodeError as err:
         raise InputError(f"bad JSON ({err.msg}, column {err.colno})", path=path, line=err.lineno,
                          fix="DPR's .json is one array of objects; use .jsonl for one object a line") from None
