@@ -7,6 +7,7 @@ data module's corpus (``iter_passages``). Each variant expects either the same I
 """
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 from typing import Any, Callable
@@ -16,10 +17,11 @@ import pytest
 from index.passage_files import iter_passages
 from index.passages import PassageStore
 from rag_models.errors import InputError
+from training.data.dpr_datamodule import DprDataModule
 from training.data.qa_datamodule import QADataModule
 from training.data.questions import read_dpr_training
 from training.evaluation.job import EvalJob, load_examples
-from training.evaluation.score_cli import score_files
+from training.evaluation.score_cli import read_predictions, score_files
 
 BOM, BAD_UTF8 = "\ufeff".encode(), b"\xff\xfe"
 NQ = ['{"question": "who a", "answer": ["x"]}', '{"question": "who b", "answer": ["y", "z"]}']
@@ -164,7 +166,7 @@ def test_source_target_pair_bom_crlf_and_bad_bytes(tmp_path: Path) -> None:
 
 
 def test_dpr_training_bom_and_crlf_in_both_layouts(tmp_path: Path) -> None:
-    """read_dpr_training (DPRDataModule's one reader) drops a BOM and accepts CRLF in .jsonl and .json alike."""
+    """read_dpr_training (DprDataModule's one reader) drops a BOM and accepts CRLF in .jsonl and .json alike."""
     record = ('{"question": "who a", "answers": ["x"], '
               '"positive_ctxs": [{"title": "A", "text": "t", "passage_id": "1"}]}')
     (tmp_path / "d.jsonl").write_bytes(BOM + (record + "\r\n").encode() * 2)
@@ -172,3 +174,123 @@ def test_dpr_training_bom_and_crlf_in_both_layouts(tmp_path: Path) -> None:
     examples = read_dpr_training(tmp_path / "d.jsonl")
     assert examples == read_dpr_training(tmp_path / "d.json") and len(examples) == 2
     assert examples[0].question == "who a" and examples[0].positives[0].id == "1"
+
+
+# .source/.target: a variant changes both files of the pair; blank lines are not skipped there (lines must align).
+SOURCE, TARGET = ["who a", "who b"], ["x", "y\tz"]
+PAIR_TABLE: dict[str, tuple[bytes, bytes, Any]] = {
+    "valid": (_lines(SOURCE), _lines(TARGET), QA_RECORDS),
+    "empty line": (_lines(["who a", "", "who b"]), _lines(["x", "", "y\tz"]), r"q\.source, line 2: empty question"),
+    "missing field": (_lines(SOURCE), _lines(TARGET[:1]),
+                      r"q\.target, line 2: q\.source has 2 lines but q\.target has 1: q\.target is shorter"),
+    "wrong type": (_lines(SOURCE), _lines(["x", "\t"]), r"q\.target, line 2: empty answer"),
+    "repeat": (_lines([*SOURCE, "who a"]), _lines([*TARGET, "x"]), r"q\.source:3: the question repeats .*q\.source:1"),
+    "BOM": (BOM + _lines(SOURCE), BOM + _lines(TARGET), QA_RECORDS),
+    "CRLF": (_lines(SOURCE, "\r\n"), _lines(TARGET, "\r\n"), QA_RECORDS),
+    "invalid UTF-8": (b"who a\n" + BAD_UTF8 + b"\n", _lines(TARGET), r"q\.source, line 2: not valid UTF-8"),
+    "empty file": (b"", b"", r"q\.source: no questions in the file"),
+}
+
+
+@pytest.mark.parametrize("variant", list(PAIR_TABLE))
+def test_source_target_readers_agree(tmp_path: Path, variant: str) -> None:
+    """rag-eval, rag-train and rag-score read a .source/.target pair alike (named by its .source)."""
+    source, target, expected = PAIR_TABLE[variant]
+    (tmp_path / "q.source").write_bytes(source)
+    (tmp_path / "q.target").write_bytes(target)
+    path = tmp_path / "q.source"
+    outcomes = {command: _outcome(lambda: read(path))
+                for command, read in (("rag-eval", _rag_eval), ("rag-train", _rag_train), ("rag-score", _rag_score))}
+    if variant == "repeat":  # documented: training keeps a repeated question, scoring by question text cannot
+        assert outcomes.pop("rag-train") == [*QA_RECORDS, QA_RECORDS[0]]
+    if not isinstance(expected, str):
+        assert outcomes.pop("rag-score") == len(expected)
+    assert len(set(map(repr, outcomes.values()))) == 1, outcomes
+    for outcome in outcomes.values():
+        _check(outcome, expected, expected)
+
+
+def _dpr(question: str, answers: Any, pid: str) -> str:
+    return json.dumps({"question": question, "answers": answers,
+                       "positive_ctxs": [{"title": pid, "text": "t", "passage_id": pid}]})
+
+
+DPR = [_dpr("who a", ["x"], "1"), _dpr("who b", ["y", "z"], "2")]
+DPR_RECORDS = [("who a", ("x",), ("1",)), ("who b", ("y", "z"), ("2",))]
+DPR_MISSING, DPR_WRONG = json.dumps({"answers": ["y"], "positive_ctxs": []}), _dpr("who b", "y", "2")
+DPR_ERRORS = {"missing": "line {line}: missing key `question`", "wrong": "line {line}: `answers` must be a list",
+              "empty": "no DPR training examples in the file"}
+
+
+def _json_array(lines: bytes) -> bytes:
+    """The .json layout of a .jsonl variant: the same objects, one a line, in one array (blank lines kept)."""
+    if lines.startswith(BOM):  # the BOM stays the file's first bytes
+        return BOM + _json_array(lines[len(BOM):])
+    rows = lines.split(b"\n")[:-1]
+    objects = [i for i, row in enumerate(rows) if row.strip()]
+    if not objects:
+        return lines
+    return b"[" + b"\n".join(row.rstrip(b"\r") + (b"," if i in objects[:-1] else b"") + row[len(row.rstrip(b"\r")):] for i, row in enumerate(rows)) + b"]\n"
+
+
+DPR_JSONL = _variants(DPR, DPR_MISSING, DPR_WRONG, DPR[0], DPR_RECORDS,
+                      {**DPR_ERRORS, "repeat": ""})  # repeat: documented below, kept
+# .json: the same objects in one array; an item is named by its index (json.load gives no per-item line).
+DPR_TABLE = {
+    "d.jsonl": DPR_JSONL,
+    "d.json": {variant: (_json_array(data), expected.replace("line 2:", "item 1:") if isinstance(expected, str)
+                         and "UTF-8" not in expected else expected)
+               for variant, (data, expected) in DPR_JSONL.items()},
+}
+
+
+def _dpr_train(path: Path) -> Any:
+    """rag-train's DPR data module reading the file as its training file."""
+    data = DprDataModule(train_file=str(path))
+    data.setup("fit")
+    return [(e.question, e.answers, tuple(p.id for p in e.positives)) for e in data.train_examples]
+
+
+def _dpr_dev(path: Path) -> Any:
+    """The same module reading it as its dev file (validation only)."""
+    data = DprDataModule(train_file="unused.jsonl", dev_file=str(path))
+    data.setup("validate")
+    return [(e.question, e.answers, tuple(p.id for p in e.positives)) for e in data.dev_examples]
+
+
+@pytest.mark.parametrize("name,variant", [(n, v) for n, table in DPR_TABLE.items() for v in table])
+def test_dpr_training_readers_agree(tmp_path: Path, name: str, variant: str) -> None:
+    data, expected = DPR_TABLE[name][variant]
+    path = tmp_path / name
+    path.write_bytes(data)
+    outcomes = {command: _outcome(lambda: read(path)) for command, read in (("train", _dpr_train), ("dev", _dpr_dev))}
+    assert outcomes["train"] == outcomes["dev"], outcomes
+    if variant == "repeat":  # documented: DPR training files keep a repeated question (as DPR's own data does)
+        assert outcomes["train"] == [*DPR_RECORDS, DPR_RECORDS[0]]
+        return
+    _check(outcomes["train"], expected, expected)
+
+
+PREDICTIONS = ['{"question": "who a", "prediction": "x"}', '{"question": "who b", "prediction": "y"}']
+PREDICTION_TABLE = _variants(
+    PREDICTIONS, '{"question": "who b"}', '{"question": "who b", "prediction": ["y"]}', PREDICTIONS[0],
+    {"who a": "x", "who b": "y"},
+    {"missing": "line {line}: missing key `prediction`", "wrong": "line {line}: `prediction` must be a string",
+     "repeat": r"line {line}: duplicate prediction for 'who a' \(first on line 1\)", "empty": ""})
+PREDICTION_TABLE["empty file"] = (b"", {})  # documented: no predictions; every reference counts as missing
+
+
+@pytest.mark.parametrize("variant", list(PREDICTION_TABLE))
+def test_prediction_reader_table(tmp_path: Path, variant: str) -> None:
+    """rag-score's predictions (its one reader): the documented outcome per variant, through score_files too."""
+    data, expected = PREDICTION_TABLE[variant]
+    references, path = tmp_path / "q.jsonl", tmp_path / "p.jsonl"
+    references.write_bytes(_lines(NQ))
+    path.write_bytes(data)
+    outcome = _outcome(lambda: read_predictions(path))
+    _check(outcome, expected, expected)
+    scores = _outcome(lambda: score_files(references, path))
+    if isinstance(expected, str):
+        assert scores == outcome and f"{path}, line" in outcome  # names the file and line
+    else:
+        assert (scores["num_correct"], scores["missing_predictions"]) == (len(expected), 2 - len(expected))
