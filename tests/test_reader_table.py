@@ -230,7 +230,10 @@ def _json_array(lines: bytes) -> bytes:
     objects = [i for i, row in enumerate(rows) if row.strip()]
     if not objects:
         return lines
-    return b"[" + b"\n".join(row.rstrip(b"\r") + (b"," if i in objects[:-1] else b"") + row[len(row.rstrip(b"\r")):] for i, row in enumerate(rows)) + b"]\n"
+    ends = [b"\r" if row.endswith(b"\r") else b"" for row in rows]  # the comma goes before a CRLF's \r
+    body = [row.rstrip(b"\r") + (b"," if i in objects[:-1] else b"") + end
+            for i, (row, end) in enumerate(zip(rows, ends))]
+    return b"[" + b"\n".join(body) + b"]\n"
 
 
 DPR_JSONL = _variants(DPR, DPR_MISSING, DPR_WRONG, DPR[0], DPR_RECORDS,
