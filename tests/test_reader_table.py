@@ -238,11 +238,11 @@ def _json_array(lines: bytes) -> bytes:
 
 DPR_JSONL = _variants(DPR, DPR_MISSING, DPR_WRONG, DPR[0], DPR_RECORDS,
                       {**DPR_ERRORS, "repeat": ""})  # repeat: documented below, kept
-# .json: the same objects in one array; an item is named by its index (json.load gives no per-item line).
+# .json: the same objects in one array, one a line; an item's error names its line and its index.
 DPR_TABLE = {
     "d.jsonl": DPR_JSONL,
-    "d.json": {variant: (_json_array(data), expected.replace("line 2:", "item 1:") if isinstance(expected, str)
-                         and "UTF-8" not in expected else expected)
+    "d.json": {variant: (_json_array(data), expected.replace("line 2: ", "line 2: item 1: ")
+                         if isinstance(expected, str) and "UTF-8" not in expected else expected)
                for variant, (data, expected) in DPR_JSONL.items()},
 }
 

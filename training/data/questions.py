@@ -9,6 +9,7 @@ import ast
 import csv
 import gzip
 import json
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable
@@ -340,8 +341,8 @@ def read_dpr_training(path: str | Path, *, drop_without_positives: bool = True) 
         examples = [_dpr_example(_json_record(path, n, line, "One DPR training object a line"), path=path,
                                  line=n, at="") for n, line in iter_lines(path)]
     elif name.endswith((".json", ".json.gz")):
-        records = _load_array(path)
-        examples = [_dpr_example(r, path=path, line=None, at=f"item {i}: ") for i, r in enumerate(records)]
+        examples = [_dpr_example(r, path=path, line=n, at=f"item {i}: ")
+                    for i, (n, r) in enumerate(_load_array(path))]
     else:
         raise InputError("unknown DPR training file type", path=path,
                          fix="Use DPR's .json (one array) or .jsonl (one object a line)")
@@ -351,14 +352,47 @@ def read_dpr_training(path: str | Path, *, drop_without_positives: bool = True) 
     return [e for e in examples if e.positives or not drop_without_positives]
 
 
-def _load_array(path: Path) -> list[Any]:
-    """json.load a whole DPR training file (they are modest) and check that it is an array."""
+_BLANK = re.compile(r"[ \t\n\r]*")
+
+
+def _array_items(text: str, path: Path) -> list[tuple[int, Any]]:
+    """(1-based line where it starts, item) for each item of a JSON array; JSONDecodeError when malformed.
+
+    One pass of ``raw_decode`` per item, so an error about one item can name its line as .jsonl errors do.
+    """
+    start = _BLANK.match(text).end()
+    if not text.startswith("[", start):
+        data = json.loads(text)  # raises for bad JSON
+        raise InputError(f"expected a JSON array, got {type(data).__name__}", path=path, line=1,
+                         fix="DPR's .json is one array of objects; use .jsonl for one object a line")
+    decoder, items, line, last = json.JSONDecoder(), [], 1, 0
+    at = _BLANK.match(text, start + 1).end()
+    if not text.startswith("]", at):
+        while True:
+            line, last = line + text.count("\n", last, at), at
+            item, at = decoder.raw_decode(text, at)
+            items.append((line, item))
+            at = _BLANK.match(text, at).end()
+            if text.startswith(",", at):
+                at = _BLANK.match(text, at + 1).end()
+            elif text.startswith("]", at):
+                break
+            else:
+                raise json.JSONDecodeError("Expecting ',' delimiter", text, at)
+    end = _BLANK.match(text, at + 1).end()
+    if end != len(text):
+        raise json.JSONDecodeError("Extra data", text, end)
+    return items
+
+
+def _load_array(path: Path) -> list[tuple[int, Any]]:
+    """(line, item) for each item of a whole DPR training file (they are modest), which must be an array."""
     opener = gzip.open if path.name.lower().endswith(".gz") else open
     try:
         with opener(path, "rb") as handle:
             raw = handle.read().removeprefix(b"\xef\xbb\xbf")  # a BOM is dropped, as iter_lines does
         text = raw.decode("utf-8")
-        data = json.loads(text) if text.strip() else []  # an empty file holds no examples
+        return _array_items(text, path) if text.strip() else []  # an empty file holds no examples
     except FileNotFoundError:
         raise InputError("file not found", path=path, fix="Check the path") from None
     except UnicodeDecodeError as err:  # the line, as iter_lines names it for .jsonl
@@ -369,10 +403,6 @@ def _load_array(path: Path) -> list[Any]:
                          fix="DPR's .json is one array of objects; use .jsonl for one object a line") from None
     except (OSError, UnicodeDecodeError) as err:
         raise InputError(f"cannot read the file ({err})", path=path, fix="Pass a readable UTF-8 file") from None
-    if not isinstance(data, list):
-        raise InputError(f"expected a JSON array, got {type(data).__name__}", path=path, line=1,
-                         fix="DPR's .json is one array of objects; use .jsonl for one object a line")
-    return data
 
 
 def write_dpr_training_jsonl(examples: Iterable[DprExample], path: str | Path) -> int:
