@@ -48,7 +48,9 @@ def read_predictions(path: str | Path, known_questions: set[str] | None = None,
     """``{question: prediction}`` from a JSONL file; duplicates and (given ``known_questions``) unknown ones raise.
 
     Both errors name the file and line: a duplicate would silently overwrite, an unknown
-    question would silently score nothing, and both mean the wrong files were paired.
+    question would silently score nothing, and both mean the wrong files were paired. Lines are read by
+    ``iter_lines`` (BOM dropped, CRLF accepted, blank lines skipped, bad bytes name the line); an empty file
+    is no predictions, not an error: every reference then counts in ``missing_predictions``.
     """
     path = Path(path)
     predictions: dict[str, str] = {}
