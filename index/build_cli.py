@@ -34,33 +34,28 @@ from index.dataset_import import import_dataset
 from index.documents import document_files, documents_fingerprint, iter_document_passages
 from index.encode import encode_corpus, load_shards, make_embed_fn, resolve_rank
 from index.manifest import IndexManifest
-from index.passages import PassageStore, source_fingerprint
+from index.passages import PassageStore, existing_store, source_fingerprint
 from rag_models.errors import InputError
 
 
 def _passage_store(passages: Path, out: Path, progress: bool) -> PassageStore:
     """The store at ``out``, built from ``passages`` unless a store of that same file is already there."""
-    if (out / "meta.json").is_file():
-        store = PassageStore.open(out)
-        if store.meta.get("source") == source_fingerprint(passages):
-            return store
-        raise InputError(
-            f"holds a passage store built from another file ({store.meta.get('source')})",
-            path=out, fix="Use a new --out directory, or delete this one to rebuild it from the new passages")
-    return PassageStore.build(passages, out, progress=progress)
+    store = existing_store(out, source_fingerprint(passages),
+                           refusal="holds a passage store built from another file ({source})",
+                           fix="Use a new --out directory, or delete this one to rebuild it from the new passages")
+    return store if store is not None else PassageStore.build(passages, out, progress=progress)
 
 
 def _documents_store(documents: Sequence[str | Path], out: Path, progress: bool) -> PassageStore:
     """The store at ``out``, built from the ``documents`` unless a store of that same set of files is already there."""
     files = document_files(documents)
     fingerprint = documents_fingerprint(files)
-    if (out / "meta.json").is_file():
-        store = PassageStore.open(out)
-        if store.meta.get("source") == fingerprint:
-            return store
-        raise InputError(
-            "holds a passage store built from other files (or other versions of them)", path=out,
-            fix="Use a new --out directory, or delete this one to rebuild it from the documents given now")
+    store = existing_store(out, fingerprint,
+                           refusal="holds a passage store built from other files (or other versions of them)",
+                           fix="Use a new --out directory, or delete this one to rebuild it from the documents "
+                           "given now")
+    if store is not None:
+        return store
     return PassageStore.from_passages(iter_document_passages(files, progress=progress), out, progress=False,
                                       source=fingerprint)
 

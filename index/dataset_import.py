@@ -42,7 +42,7 @@ from index.dataset_sources import ID_COLUMN, Batch, DatasetSource, open_source
 from index.encode import PLAN_NAME, check_plan, load_shards, publish_shard, shard_done, shard_path, shard_ranges
 from index.manifest import FAISS_NAME, MANIFEST_NAME, VECTORS_NAME, IndexManifest, write_vectors
 from index.passage_files import Passage
-from index.passages import PassageStore
+from index.passages import PassageStore, existing_store
 from rag_models.atomic import atomic_directory
 from rag_models.errors import InputError
 
@@ -313,17 +313,6 @@ def _save_with_faiss_file(foreign: _FaissFile, vectors: np.ndarray, store: Passa
     return factory
 
 
-def _existing_store(directory: Path, dataset: DatasetSource) -> PassageStore | None:
-    """The finished store of this same dataset at ``directory``, None if there is none, InputError if another's."""
-    if not (directory / "meta.json").is_file():
-        return None
-    store = PassageStore.open(directory)
-    if store.meta.get("source") == dataset.fingerprint():
-        return store
-    raise InputError(f"holds a passage store built from another source ({store.meta.get('source')})",
-                     path=directory, fix="Use a new --out directory, or delete this one to import the new dataset")
-
-
 def _reusable_vectors(index_dir: Path, store: PassageStore | None) -> np.ndarray | None:
     """vectors.npy (N, D) of a finished index over this same store (same dataset), else None."""
     if store is None or not (index_dir / MANIFEST_NAME).is_file():
@@ -396,7 +385,9 @@ def import_dataset(
     encoder = encoder or f"precomputed:{dataset.label}"
     if dataset.count == 0:
         raise InputError("the dataset has no rows", path=dataset.label, fix="Pass a non-empty dataset")
-    store = _existing_store(out / "passages", dataset)
+    store = existing_store(out / "passages", dataset.fingerprint(),
+                           refusal="holds a passage store built from another source ({source})",
+                           fix="Use a new --out directory, or delete this one to import the new dataset")
     if store is None and dataset.count is None:  # the hub does not say N: a first read builds the store
         store = _import_pass(dataset, None, store_dir=out / "passages", shards=None, shard_size=shard_size,
                              progress=progress)

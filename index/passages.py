@@ -75,6 +75,20 @@ def _id_hash(pid: str) -> int:
     return int.from_bytes(hashlib.blake2b(pid.encode("utf-8"), digest_size=8).digest(), "little")
 
 
+def existing_store(directory: Path, source: dict, *, refusal: str, fix: str) -> "PassageStore | None":
+    """The finished store at ``directory`` when it was built from ``source`` (a fingerprint), None when there is none.
+
+    A re-run reuses the store instead of rebuilding it. Raises InputError(``refusal``, ``fix``) when the store
+    there was built from something else (its fingerprint differs).
+    """
+    if not (directory / "meta.json").is_file():
+        return None
+    store = PassageStore.open(directory)
+    if store.meta.get("source") == source:
+        return store
+    raise InputError(refusal.format(source=store.meta.get("source")), path=directory, fix=fix)
+
+
 def source_fingerprint(path: Path) -> dict:
     """Name, size and mtime of the source file: enough to notice it changed."""
     stat = path.stat()
