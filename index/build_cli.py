@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import shutil
 import sys
 import time
 from pathlib import Path
@@ -29,7 +28,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from index.builders import build_from_vectors, check_factory
+from index.builders import build_and_save, check_factory, finish_build
 from index.dataset_import import import_dataset
 from index.documents import document_files, documents_fingerprint, iter_document_passages
 from index.encode import encode_corpus, load_shards, make_embed_fn, resolve_rank
@@ -129,14 +128,10 @@ def build_index(
         vectors = existing
         if vectors is None:  # (N, D), concatenated from the shards into one file
             vectors = load_shards(out / "shards", out_path=out / "shards" / "vectors.npy")
-        index = build_from_vectors(vectors, factory=factory, encoder=encoder, passages=store,
-                                   train_sample=train_sample, progress=progress)
-        index.save(index_dir, passages_path=out / "passages")
-        if not keep_shards:
-            shutil.rmtree(out / "shards", ignore_errors=True)  # the index holds a hard link to vectors.npy
-        size = sum(p.stat().st_size for p in index_dir.iterdir()) / 2**20
-        print(f"rag-build-index: {len(store):,} passages, dim {index.dim}, factory {factory}, {size:,.1f} MB "
-              f"in {index_dir}, {time.time() - started:.1f} s (encoding {encode_seconds:.1f} s)")
+        build_and_save(vectors, out, factory=factory, encoder=encoder, passages=store, train_sample=train_sample,
+                       progress=progress)
+        finish_build(out, count=len(store), dim=int(vectors.shape[1]), factory=factory, keep_shards=keep_shards,
+                     started=started, stage="encoding", stage_seconds=encode_seconds)
     if world > 1:
         dist.barrier()  # no rank returns before the index exists
     return index_dir

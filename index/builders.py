@@ -5,6 +5,10 @@ file (`build_cli.build_index`) or imported with a dataset (`dataset_import`).
 """
 from __future__ import annotations
 
+import shutil
+import time
+from pathlib import Path
+
 import faiss
 import numpy as np
 
@@ -74,3 +78,26 @@ def build_from_vectors(vectors: np.ndarray, *, factory: str, encoder: str | None
     builder = _BUILDERS.get(factory, DenseIndex.build)
     return builder(vectors, factory=factory, encoder=encoder, passages=passages, train_sample=train_sample,
                    progress=progress)
+
+
+def build_and_save(vectors: np.ndarray, out: Path, *, factory: str, encoder: str | None, passages: object,
+                   train_sample: int, progress: bool) -> None:
+    """`build_from_vectors`, saved as ``out/index`` pointing at the store ``out/passages``."""
+    index = build_from_vectors(vectors, factory=factory, encoder=encoder, passages=passages,
+                               train_sample=train_sample, progress=progress)
+    index.save(out / "index", passages_path=out / "passages")
+
+
+def finish_build(out: Path, *, count: int, dim: int, factory: str, keep_shards: bool, started: float,
+                 stage: str, stage_seconds: float) -> Path:
+    """Drop ``out/shards`` (unless kept) and print the one-line summary of a finished ``out/index``; returns it.
+
+    ``stage``: what produced the vectors ("encoding", "import"), ``stage_seconds`` its share of the wall time.
+    """
+    index_dir = out / "index"
+    if not keep_shards:
+        shutil.rmtree(out / "shards", ignore_errors=True)  # the index holds a hard link to vectors.npy
+    size = sum(p.stat().st_size for p in index_dir.iterdir()) / 2**20
+    print(f"rag-build-index: {count:,} passages, dim {dim}, factory {factory}, {size:,.1f} MB in {index_dir}, "
+          f"{time.time() - started:.1f} s ({stage} {stage_seconds:.1f} s)")
+    return index_dir

@@ -37,7 +37,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from tqdm import tqdm
 
-from index.builders import build_from_vectors, check_factory
+from index.builders import build_and_save, check_factory, finish_build
 from index.dataset_sources import ID_COLUMN, Batch, DatasetSource, open_source
 from index.encode import PLAN_NAME, check_plan, load_shards, publish_shard, shard_done, shard_path, shard_ranges
 from index.manifest import FAISS_NAME, MANIFEST_NAME, VECTORS_NAME, IndexManifest, write_vectors
@@ -408,12 +408,7 @@ def import_dataset(
         _check_faiss_rows(foreign, vectors)
         factory = _save_with_faiss_file(foreign, vectors, store, index_dir, encoder)
     else:
-        index = build_from_vectors(vectors, factory=factory, encoder=encoder, passages=store,
-                                   train_sample=train_sample, progress=progress)
-        index.save(index_dir, passages_path=out / "passages")
-    if not keep_shards:
-        shutil.rmtree(out / "shards", ignore_errors=True)  # the index holds a hard link to vectors.npy
-    size = sum(p.stat().st_size for p in index_dir.iterdir()) / 2**20
-    print(f"rag-build-index: {count:,} passages, dim {vectors.shape[1]}, factory {factory}, {size:,.1f} MB "
-          f"in {index_dir}, {time.time() - started:.1f} s (import {import_seconds:.1f} s)")
-    return index_dir
+        build_and_save(vectors, out, factory=factory, encoder=encoder, passages=store, train_sample=train_sample,
+                       progress=progress)
+    return finish_build(out, count=count, dim=int(vectors.shape[1]), factory=factory, keep_shards=keep_shards,
+                        started=started, stage="import", stage_seconds=import_seconds)
