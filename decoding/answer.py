@@ -111,8 +111,7 @@ class DecodingSettings:
 
     def search_kwargs(self) -> dict[str, Any]:
         """The keyword arguments every decoder in `STRATEGIES` takes (num_beams None: `DEFAULT_BEAMS`)."""
-        num_beams = self.num_beams if self.num_beams is not None else DEFAULT_BEAMS.get(self.strategy, 1)
-        return dict(num_beams=num_beams, num_return_sequences=self.num_return_sequences,
+        return dict(num_beams=self._num_beams(self.strategy), num_return_sequences=self.num_return_sequences,
                     max_length=self.max_length, min_length=self.min_length, length_penalty=self.length_penalty,
                     early_stopping=self.early_stopping)
 
@@ -133,8 +132,11 @@ class DecodingSettings:
         n_docs = model.n_docs if self.n_docs is None else self.n_docs
         if n_docs < 1:
             raise InputError(f"n_docs={n_docs}", setting="decoding.n_docs", fix="use at least one doc")
-        num_beams = self.num_beams if self.num_beams is not None else DEFAULT_BEAMS.get(strategy, 1)
-        return replace(self, strategy=strategy, n_docs=n_docs, num_beams=num_beams)
+        return replace(self, strategy=strategy, n_docs=n_docs, num_beams=self._num_beams(strategy))
+
+    def _num_beams(self, strategy: str | None) -> int:
+        """``num_beams``, or when None the default of ``strategy`` (`DEFAULT_BEAMS`, else 1)."""
+        return self.num_beams if self.num_beams is not None else DEFAULT_BEAMS.get(strategy, 1)
 
     def describe(self) -> dict[str, Any]:
         """What a decode ran with (after `for_model`): for metrics.json."""

@@ -106,11 +106,11 @@ class Generator(nn.Module):
         tokenizer: the model's tokenizer; it must add special tokens around a text ([bos] ... [eos] for BART),
             and its ``pad_token_id`` pads inputs and targets.
         max_source_length: L, the most tokens of one (question, doc) generator input, special tokens
-            included; at most the model's ``max_position_embeddings``. "question_first" truncates only the
-            passage to fit; "transformers" truncates the whole string and pads every row to exactly L.
+            included; at most the model's ``max_position_embeddings``. "question_first" truncates the passage
+            to fit, and cuts a question longer than `question_budget` to its beginning; "transformers"
+            truncates the whole string and pads every row to exactly L.
         max_target_length: T, the most tokens of one answer target (special tokens included); longer
             answers are truncated by `prepare_targets`.
-            "question_first" also cuts a question longer than `question_budget` to its beginning.
         input_format: how a question and a doc become one input, a key of `INPUT_FORMATS`:
             "question_first" (``question // title / text``) or "transformers" (``title / text // question``,
             token for token transformers' RagRetriever, for parity).
