@@ -225,6 +225,8 @@ def make_embed_fn(encoder: torch.nn.Module, tokenizer, *, max_length: int = 256,
             output = encoder(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device))
         # Our DenseEncoder returns the (B, D) tensor; a bare transformers DPR encoder, an output with pooler_output.
         vectors = output if isinstance(output, torch.Tensor) else output.pooler_output  # (B, D)
-        return vectors.float().cpu().numpy()
+        # A copy, not a view: the pooled vectors are often a slice of the (B, L, H) hidden states, and a view
+        # would keep that whole buffer alive until the shard is written (memory growing with the shard).
+        return vectors.float().cpu().numpy().copy()
 
     return embed
