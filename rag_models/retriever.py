@@ -20,6 +20,7 @@ from transformers import BatchEncoding, PreTrainedModel, PreTrainedTokenizerBase
 from rag_models.atomic import atomic_directory
 from rag_models.errors import InputError
 from rag_models.loaders import load_encoder_checkpoint
+from rag_models.text_limits import clip_all
 
 POOLING_KEY = "rag_pooling"  # stored in the encoder's config.json, so a saved encoder reloads as it was
 
@@ -140,4 +141,5 @@ def tokenize_passages(tokenizer: PreTrainedTokenizerBase, titles: list[str], tex
     if len(titles) != len(texts):
         raise InputError(f"{len(titles)} titles for {len(texts)} texts", setting="passages",
                          fix="give one title per passage (an empty string if none)")
-    return tokenizer(titles, texts, max_length=max_length, truncation=True, padding=True, return_tensors="pt")
+    return tokenizer(clip_all(titles, max_length), clip_all(texts, max_length), max_length=max_length,
+                     truncation=True, padding=True, return_tensors="pt")
