@@ -138,9 +138,12 @@ def _verified_before(directory: Path) -> bool:
         return False
 
 
-def _damaged(path: Path, problem: str, what: str) -> InputError:
-    return InputError(f"{problem}: the {what} is damaged", path=path,
-                      fix=f"Re-copy the {what} from where it came from, or re-save / rebuild it")
+def _damaged(path: Path, problem: str, what: str, *, edited: Path | None = None) -> InputError:
+    """The error for a damaged file; ``edited``: the directory to re-list if the change was made on purpose."""
+    fix = f"Re-copy the {what} from where it came from, or re-save / rebuild it"
+    if edited is not None:
+        fix += f" (if you edited it on purpose: python -m rag_models.file_manifest {edited})"
+    return InputError(f"{problem}: the {what} is damaged", path=path, fix=fix)
 
 
 def read_file_manifest(directory: Path, what: str) -> dict[str, dict] | None:
@@ -182,7 +185,8 @@ def check_directory(directory: str | Path, *, what: str, under: str | None = Non
         except OSError:
             raise _damaged(path, "file missing", what) from None
         if size != expected:
-            raise _damaged(path, f"{size:,} bytes, {expected:,} when it was written (truncated or modified)", what)
+            raise _damaged(path, f"{size:,} bytes, {expected:,} when it was written (truncated or modified)", what,
+                           edited=directory)
     fresh_copy = verify is None and not _verified_before(directory)
     if not (fresh_copy or verify or (verify is None and verify_requested())):
         return
@@ -201,7 +205,7 @@ def _check_hashes(directory: Path, files: dict[str, dict], names: list[str], wha
         for name in names:
             if file_digest(directory / name) != files[name]["blake2b"]:
                 raise _damaged(directory / name, "content differs from when it was written (corrupt or replaced)",
-                               what)
+                               what, edited=directory)
             bar.update(int(files[name]["size"]))
 
 
@@ -216,7 +220,7 @@ def check_file(path: str | Path, *, what: str, verify: bool | None = None) -> No
         raise _damaged(path, "file missing", what)
     if path.stat().st_size != int(entry["size"]):
         raise _damaged(path, f"{path.stat().st_size:,} bytes, {int(entry['size']):,} when it was written "
-                       "(truncated or modified)", what)
+                       "(truncated or modified)", what, edited=path.parent)
     if verify or (verify is None and verify_requested()):
         _check_hashes(path.parent, files, [path.name], what)
 

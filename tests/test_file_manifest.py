@@ -1,4 +1,4 @@
-"""checksums.json: sizes always, hashes when asked or on the first use of a copy; old directories; content fingerprints."""
+"""checksums.json: sizes always, hashes when asked or on the first use of a copy; old directories; fingerprints."""
 from __future__ import annotations
 
 import os
@@ -10,14 +10,7 @@ import pytest
 from index.build_cli import _passage_store
 from rag_models import file_manifest
 from rag_models.errors import InputError
-from rag_models.file_manifest import (
-    MANIFEST_NAME,
-    MARKER_NAME,
-    check_directory,
-    main,
-    same_source,
-    write_file_manifest,
-)
+from rag_models.file_manifest import MANIFEST_NAME, MARKER_NAME, check_directory, main, same_source, write_file_manifest
 
 
 def _directory(root: Path) -> Path:
