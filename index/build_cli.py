@@ -60,13 +60,17 @@ def _documents_store(documents: Sequence[str | Path], out: Path, progress: bool)
 
 
 def _reusable_vectors(index_dir: Path, store: PassageStore, encoder: str) -> np.ndarray | None:
-    """vectors.npy of a finished index over the same passages and encoder, else None."""
+    """vectors.npy of a finished index over the same passages and encoder, else None (a damaged one is rebuilt)."""
     if not (index_dir / "manifest.json").is_file():
         return None
-    manifest = load_checked(index_dir)  # a damaged index is refused, never reused
-    if manifest.passages_checksum != store.checksum or manifest.encoder != encoder:
+    try:
+        manifest = load_checked(index_dir)  # a damaged index is never reused
+        if manifest.passages_checksum != store.checksum or manifest.encoder != encoder:
+            return None
+        return load_array(index_dir / "vectors.npy", mmap=True)  # (N, D)
+    except InputError as err:
+        print(f"rag-build-index: {err}; building it again", file=sys.stderr)
         return None
-    return load_array(index_dir / "vectors.npy", mmap=True)  # (N, D)
 
 
 def _encode(store: PassageStore, out: Path, *, encoder: str, factory: str, train_sample: int, batch_size: int,

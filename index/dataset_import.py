@@ -26,6 +26,7 @@ from __future__ import annotations
 import itertools
 import json
 import shutil
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -327,9 +328,13 @@ def _reusable_vectors(index_dir: Path, store: PassageStore | None) -> np.ndarray
     """vectors.npy (N, D) of a finished index over this same store (same dataset), else None."""
     if store is None or not (index_dir / MANIFEST_NAME).is_file():
         return None
-    if load_checked(index_dir).passages_checksum != store.checksum:  # a damaged index is refused, never reused
+    try:
+        if load_checked(index_dir).passages_checksum != store.checksum:  # a damaged index is never reused
+            return None
+        return load_array(index_dir / VECTORS_NAME, mmap=True)
+    except InputError as err:
+        print(f"rag-build-index: {err}; building it again", file=sys.stderr)
         return None
-    return load_array(index_dir / VECTORS_NAME, mmap=True)
 
 
 def _same_build(manifest: IndexManifest, factory: str, encoder: str) -> bool:

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import sys
 import time
 from pathlib import Path
 from typing import Iterable, Sequence
@@ -81,12 +82,17 @@ def _id_hash(pid: str) -> int:
 def existing_store(directory: Path, source: dict, *, refusal: str, fix: str) -> "PassageStore | None":
     """The finished store at ``directory`` when it was built from ``source`` (a fingerprint), None when there is none.
 
-    A re-run reuses the store instead of rebuilding it. Raises InputError(``refusal``, ``fix``) when the store
-    there was built from something else (its fingerprint differs).
+    A re-run reuses the store instead of rebuilding it; a damaged one (a file cut or missing) is rebuilt, with a
+    message. Raises InputError(``refusal``, ``fix``) when the store there was built from something else (its
+    fingerprint differs).
     """
     if not (directory / "meta.json").is_file():
         return None
-    store = PassageStore.open(directory)
+    try:
+        store = PassageStore.open(directory)
+    except InputError as err:
+        print(f"passage store: {err}; building it again", file=sys.stderr)
+        return None
     if same_source(store.meta.get("source"), source):
         return store
     raise InputError(refusal.format(source=store.meta.get("source")), path=directory, fix=fix)

@@ -20,6 +20,7 @@ import pytest
 import torch
 
 from decoding.ask_cli import main as ask_main
+from index.build_cli import build_index
 from index.encode import encode_corpus, load_shards
 from index.passages import PassageStore
 from rag_models.checkpoint import build_rag_model, save_rag_model
@@ -221,3 +222,19 @@ def test_damaged_file_is_refused_by_name(originals, tmp_path, capsys, monkeypatc
     assert "Traceback" not in message
     assert damaged.name in message, message
     assert any(word in message.lower() for word in FIX_WORDS), message
+
+
+def test_rag_build_index_rebuilds_a_damaged_store_and_index(tiny_setup, tmp_path, capsys):
+    """A re-run of rag-build-index over a damaged output rebuilds what is damaged instead of refusing forever."""
+    out = tmp_path / "out"
+    shutil.copytree(tiny_setup.index_dir, out)
+    cut_to_1000(out / "passages" / "texts.bin")
+    cut_half(out / "index" / "vectors.npy")
+    build_index(tiny_setup.world.v1_passages, tiny_setup.models.context_encoder, out, factory="Flat",
+                max_length=128, progress=False)
+    err = capsys.readouterr().err
+    assert "texts.bin" in err and "vectors.npy" in err and err.count("building it again") == 2
+    fresh = PassageStore.open(out / "passages")
+    assert fresh.texts([0]) == PassageStore.open(tiny_setup.index_dir / "passages").texts([0])
+    assert (out / "index" / "vectors.npy").stat().st_size == (tiny_setup.index_dir / "index" / "vectors.npy").stat(
+    ).st_size
