@@ -96,7 +96,7 @@ def shard_done(out_dir: Path, number: int, start: int, end: int) -> bool:
         array = np.load(path, mmap_mode="r")
     except (OSError, ValueError, AttributeError):  # unreadable sidecar, truncated or missing .npy: encode it again
         return False
-    if verify_requested() and "blake2b" in info and file_digest(path) != info["blake2b"]:
+    if verify_requested() and "sha256" in info and file_digest(path) != info["sha256"]:
         return False
     return info.get("rows") == [start,
                                 end] and array.shape == (end - start, info.get("dim")) and array.dtype == np.float32
@@ -123,7 +123,7 @@ def publish_shard(out_dir: Path, number: int, start: int, vectors: np.ndarray) -
     path = shard_path(out_dir, number)
     atomic_save_npy(path, vectors)
     info = {"rows": [start, start + vectors.shape[0]], "dim": int(vectors.shape[1]), "dtype": "float32",
-            "bytes": path.stat().st_size, "blake2b": file_digest(path)}
+            "bytes": path.stat().st_size, "sha256": file_digest(path)}
     atomic_write_text(path.with_suffix(".json"), json.dumps(info) + "\n")
     return path
 

@@ -2,7 +2,7 @@
 
 A checkpoint, an index, a passage store or an evaluation directory carries ``checksums.json``:
 
-    {"format": 1, "hash": "blake2b-256", "files": {"generator/model.safetensors": {"size": 1234, "blake2b": "..."}}}
+    {"format": 1, "hash": "sha256", "files": {"generator/model.safetensors": {"size": 1234, "sha256": "..."}}}
 
 written last, once every other file is in place. Loading checks that every listed file is present with its size
 (one ``stat`` per file: a truncated or missing file is refused at once). The contents are hashed too, in 8 MiB
@@ -36,7 +36,7 @@ from rag_models.errors import InputError
 MANIFEST_NAME = "checksums.json"
 MARKER_NAME = ".checksums.verified"
 FORMAT = 1
-HASH_NAME = "blake2b-256"
+HASH_NAME = "sha256"
 VERIFY_ENV = "RAG_VERIFY_FILES"
 _CHUNK = 8 * 2**20  # bytes read per hash update: bounded RAM whatever the file size
 _PROGRESS_BYTES = 2**30  # show a progress bar when hashing more than this
@@ -44,8 +44,8 @@ _warned: set[str] = set()  # directories already warned about (one warning per d
 
 
 def file_digest(path: Path) -> str:
-    """Hex blake2b-256 of the file's bytes, read in 8 MiB chunks."""
-    digest = hashlib.blake2b(digest_size=32)
+    """Hex SHA-256 of the file's bytes, read in 8 MiB chunks."""
+    digest = hashlib.sha256()  # OpenSSL uses SHA CPU instructions where present: 1.7x blake2b's rate on such a CPU
     with open(path, "rb") as handle:
         while chunk := handle.read(_CHUNK):
             digest.update(chunk)
@@ -55,7 +55,7 @@ def file_digest(path: Path) -> str:
 def content_fingerprint(path: Path) -> dict:
     """Name, size and content hash of a source file: what decides whether a store or encoding made from it is
     reused (never its timestamp, which a copy or a ``touch`` changes while the content stays)."""
-    return {"name": path.name, "size": path.stat().st_size, "blake2b": file_digest(path)}
+    return {"name": path.name, "size": path.stat().st_size, "sha256": file_digest(path)}
 
 
 def same_source(old: object, new: object) -> bool:
@@ -65,9 +65,9 @@ def same_source(old: object, new: object) -> bool:
     timestamp is ignored, never trusted.
     """
     if isinstance(old, dict) and isinstance(new, dict):
-        if "mtime" in old and "blake2b" not in old:
+        if "mtime" in old and "sha256" not in old:
             old = {key: value for key, value in old.items() if key != "mtime"}
-            new = {key: value for key, value in new.items() if key != "blake2b"}
+            new = {key: value for key, value in new.items() if key != "sha256"}
         return old.keys() == new.keys() and all(same_source(old[key], new[key]) for key in old)
     if isinstance(old, list) and isinstance(new, list):
         return len(old) == len(new) and all(same_source(a, b) for a, b in zip(old, new))
@@ -108,7 +108,7 @@ def write_file_manifest(directory: str | Path, files: Iterable[str | Path] | Non
     entries = {}
     for name in _listed(directory, files):
         path = directory / name
-        entries[name] = {"size": path.stat().st_size, "blake2b": file_digest(path)}
+        entries[name] = {"size": path.stat().st_size, "sha256": file_digest(path)}
     path = directory / MANIFEST_NAME
     atomic_write_text(path, json.dumps({"format": FORMAT, "hash": HASH_NAME, "files": entries}, indent=1) + "\n")
     _mark_verified(directory)
@@ -154,9 +154,9 @@ def read_file_manifest(directory: Path, what: str) -> dict[str, dict] | None:
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
         files = data["files"]
-        if not isinstance(files, dict) or not all(isinstance(e, dict) and {"size", "blake2b"} <= set(e)
+        if not isinstance(files, dict) or not all(isinstance(e, dict) and {"size", "sha256"} <= set(e)
                                                   for e in files.values()):
-            raise ValueError("entries need size and blake2b")
+            raise ValueError("entries need size and sha256")
     except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError) as err:
         raise _damaged(path, f"unreadable file manifest ({err})", what) from None
     return files
@@ -203,7 +203,7 @@ def _check_hashes(directory: Path, files: dict[str, dict], names: list[str], wha
     with tqdm(total=total, desc=f"verify {directory.name}", unit="B", unit_scale=True,
               disable=total < _PROGRESS_BYTES) as bar:
         for name in names:
-            if file_digest(directory / name) != files[name]["blake2b"]:
+            if file_digest(directory / name) != files[name]["sha256"]:
                 raise _damaged(directory / name, "content differs from when it was written (corrupt or replaced)",
                                what, edited=directory)
             bar.update(int(files[name]["size"]))

@@ -127,9 +127,9 @@ def test_reuse_of_a_passage_store_follows_the_content_not_the_timestamp(tmp_path
 
 def test_fingerprints_saved_before_content_hashes_match_on_name_and_size():
     old = {"name": "p.tsv", "size": 10, "mtime": 5}
-    assert same_source(old, {"name": "p.tsv", "size": 10, "blake2b": "ab"})
-    assert not same_source(old, {"name": "p.tsv", "size": 11, "blake2b": "ab"})
-    assert not same_source({"name": "p.tsv", "size": 10, "blake2b": "cd"}, {"name": "p.tsv", "size": 10,
-                                                                            "blake2b": "ab"})
+    assert same_source(old, {"name": "p.tsv", "size": 10, "sha256": "ab"})
+    assert not same_source(old, {"name": "p.tsv", "size": 11, "sha256": "ab"})
+    assert not same_source({"name": "p.tsv", "size": 10, "sha256": "cd"}, {"name": "p.tsv", "size": 10,
+                                                                            "sha256": "ab"})
     docs = {"documents": [{**old, "name": "a.md"}]}
-    assert same_source(docs, {"documents": [{"name": "a.md", "size": 10, "blake2b": "x"}]})
+    assert same_source(docs, {"documents": [{"name": "a.md", "size": 10, "sha256": "x"}]})
