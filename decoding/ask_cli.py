@@ -49,6 +49,8 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--refine", type=int, default=None,
                         help="re-rank refine * n_docs candidates by exact q.d (PQ indexes)")
     parser.add_argument("--mmap", action="store_true", help="map index.faiss instead of reading it into RAM")
+    parser.add_argument("--verify", action="store_true",
+                        help="hash every file of the checkpoint and index (their sizes are always checked)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     return parser
 
@@ -87,6 +89,15 @@ def _questions(given: list[str], stdin: TextIO) -> Iterator[str]:
             yield line.strip()
 
 
+def check_questions(questions: list[str]) -> None:
+    """InputError for an empty or blank question given as an argument (it would retrieve and answer noise)."""
+    for number, question in enumerate(questions, start=1):
+        if not question.strip():
+            raise InputError(f"question {number} of the command line is {'empty' if not question else 'blank'}",
+                             setting="questions", fix="Ask a question in words, e.g. rag-ask ... \"who founded "
+                             "Marrowick?\" (or pipe one question per line)")
+
+
 def settings_from_args(args: argparse.Namespace) -> DecodingSettings:
     """The decoding settings the command line asks for."""
     return DecodingSettings(strategy=args.strategy, n_docs=args.n_docs, num_beams=args.num_beams,
@@ -118,10 +129,13 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point of rag-ask; exit status 2 on bad input (the message says what to do)."""
     args = _parser().parse_args(argv)
     try:
+        check_questions(args.questions)
         # Imported here so that `rag-ask --help` answers without loading torch models or faiss.
         from index.settings import IndexSettings
         from rag_models.checkpoint import load_rag_model
+        from rag_models.file_manifest import request_verify
 
+        request_verify(args.verify)
         model = load_rag_model(args.checkpoint).to(args.device).eval()
         index = IndexSettings(path=args.index, factory=None, backend=args.backend, nprobe=args.nprobe,
                               ef_search=args.ef_search, refine=args.refine, mmap=args.mmap)

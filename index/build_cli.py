@@ -32,7 +32,7 @@ from index.builders import build_and_save, check_factory, finish_build
 from index.dataset_import import import_dataset
 from index.documents import document_files, documents_fingerprint, iter_document_passages
 from index.encode import encode_corpus, load_shards, make_embed_fn, resolve_rank
-from index.manifest import IndexManifest
+from index.manifest import IndexManifest, load_array, load_checked
 from index.passages import PassageStore, existing_store, source_fingerprint
 from rag_models.errors import InputError
 
@@ -60,13 +60,17 @@ def _documents_store(documents: Sequence[str | Path], out: Path, progress: bool)
 
 
 def _reusable_vectors(index_dir: Path, store: PassageStore, encoder: str) -> np.ndarray | None:
-    """vectors.npy of a finished index over the same passages and encoder, else None."""
+    """vectors.npy of a finished index over the same passages and encoder, else None (a damaged one is rebuilt)."""
     if not (index_dir / "manifest.json").is_file():
         return None
-    manifest = IndexManifest.load(index_dir)
-    if manifest.passages_checksum != store.checksum or manifest.encoder != encoder:
+    try:
+        manifest = load_checked(index_dir)  # a damaged index is never reused
+        if manifest.passages_checksum != store.checksum or manifest.encoder != encoder:
+            return None
+        return load_array(index_dir / "vectors.npy", mmap=True)  # (N, D)
+    except InputError as err:
+        print(f"rag-build-index: {err}; building it again", file=sys.stderr)
         return None
-    return np.load(index_dir / "vectors.npy", mmap_mode="r")  # (N, D)
 
 
 def _encode(store: PassageStore, out: Path, *, encoder: str, factory: str, train_sample: int, batch_size: int,

@@ -26,6 +26,7 @@ from __future__ import annotations
 import itertools
 import json
 import shutil
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,11 +41,20 @@ from tqdm import tqdm
 from index.builders import build_and_save, check_factory, finish_build
 from index.dataset_sources import ID_COLUMN, Batch, DatasetSource, open_source
 from index.encode import PLAN_NAME, check_plan, load_shards, publish_shard, shard_done, shard_path, shard_ranges
-from index.manifest import FAISS_NAME, MANIFEST_NAME, VECTORS_NAME, IndexManifest, write_vectors
+from index.manifest import (
+    FAISS_NAME,
+    MANIFEST_NAME,
+    VECTORS_NAME,
+    IndexManifest,
+    load_array,
+    load_checked,
+    write_vectors,
+)
 from index.passage_files import Passage
 from index.passages import PassageStore, existing_store
 from rag_models.atomic import atomic_directory
 from rag_models.errors import InputError
+from rag_models.file_manifest import write_file_manifest
 
 IMPORTED = "imported:"  # manifest factory prefix of an index whose faiss file came with the dataset
 _STEP = 8192  # rows converted at a time: (8192, 768) float32 is 24 MB
@@ -309,7 +319,8 @@ def _save_with_faiss_file(foreign: _FaissFile, vectors: np.ndarray, store: Passa
     with atomic_directory(index_dir) as tmp:
         shutil.copyfile(foreign.path, tmp / FAISS_NAME)  # a copy, not a link: rewriting FILE must not change us
         write_vectors(vectors, tmp / VECTORS_NAME)
-        manifest.with_passages(index_dir, store.directory).save(tmp)  # last: the directory loads only when whole
+        manifest.with_passages(index_dir, store.directory).save(tmp)  # the directory loads only when whole
+        write_file_manifest(tmp)  # last: sizes and hashes of every file above
     return factory
 
 
@@ -317,9 +328,13 @@ def _reusable_vectors(index_dir: Path, store: PassageStore | None) -> np.ndarray
     """vectors.npy (N, D) of a finished index over this same store (same dataset), else None."""
     if store is None or not (index_dir / MANIFEST_NAME).is_file():
         return None
-    if IndexManifest.load(index_dir).passages_checksum != store.checksum:
+    try:
+        if load_checked(index_dir).passages_checksum != store.checksum:  # a damaged index is never reused
+            return None
+        return load_array(index_dir / VECTORS_NAME, mmap=True)
+    except InputError as err:
+        print(f"rag-build-index: {err}; building it again", file=sys.stderr)
         return None
-    return np.load(index_dir / VECTORS_NAME, mmap_mode="r")
 
 
 def _same_build(manifest: IndexManifest, factory: str, encoder: str) -> bool:

@@ -24,6 +24,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from rag_models.errors import InputError
+from rag_models.file_manifest import content_fingerprint
 
 REQUIRED_COLUMNS = ("title", "text", "embeddings")
 ID_COLUMN = "id"  # optional: passage ids are the row numbers without it
@@ -70,14 +71,10 @@ class DatasetSource:
     hub: tuple[str, str | None, str] | None = None
 
     def fingerprint(self) -> dict:
-        """Kind plus every file's name, size and mtime (or the hub name, config, split): enough to notice a change."""
+        """Kind plus every file's name, size and content hash (or the hub name, config, split): to notice a change."""
         if self.hub is not None:
             return {"kind": self.kind, "hub": list(self.hub)}
-        files = []
-        for path, _ in self.files:
-            stat = path.stat()
-            files.append({"name": path.name, "size": stat.st_size, "mtime": int(stat.st_mtime)})
-        return {"kind": self.kind, "files": files}
+        return {"kind": self.kind, "files": [content_fingerprint(path) for path, _ in self.files]}
 
     def batches(self, start: int = 0) -> Iterator[Batch]:
         """Record batches in row order from the one holding row ``start`` (it may begin earlier, never later).

@@ -52,6 +52,7 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 
 from index.passage_files import Passage
 from rag_models.errors import InputError
+from rag_models.file_manifest import content_fingerprint
 
 WORDS_PER_PASSAGE = 100  # DPR's psgs_w100
 FORMATS = {".txt": "text", ".md": "markdown", ".markdown": "markdown", ".pdf": "pdf"}  # suffix -> reader
@@ -118,12 +119,8 @@ def document_files(paths: Sequence[str | Path]) -> list[DocumentFile]:
 
 
 def documents_fingerprint(files: Sequence[DocumentFile]) -> dict:
-    """Name, size and mtime of every file: the passage store's source, enough to notice a changed set."""
-    entries = []
-    for file in files:
-        stat = file.path.stat()
-        entries.append({"name": file.name, "size": stat.st_size, "mtime": int(stat.st_mtime)})
-    return {"documents": entries}
+    """Name, size and content hash of every file: the passage store's source, to notice a changed set."""
+    return {"documents": [{**content_fingerprint(file.path), "name": file.name} for file in files]}
 
 
 # ---- reading one file ----------------------------------------------------------------------------

@@ -2,8 +2,10 @@
 
 Rows are cut into shards of ``shard_size``; shard i belongs to rank ``i % world``.
 A shard is published as ``shard_00012.npy`` (temp name + os.replace) and then
-its sidecar ``shard_00012.json``; a shard counts as done only if the sidecar
-exists and the array has the shape it states. A re-run skips done shards, so
+its sidecar ``shard_00012.json`` (rows, dim, and the file's size and content hash:
+the directory's file manifest, one entry per shard); a shard counts as done only if
+the sidecar exists and the file has the size (with ``RAG_VERIFY_FILES=1`` the hash)
+and the shape it states, else it is encoded again. A re-run skips done shards, so
 a killed 21M-passage encode loses at most one shard per rank.
 """
 from __future__ import annotations
@@ -21,6 +23,8 @@ from tqdm import tqdm
 from index.passages import PassageStore
 from rag_models.atomic import atomic_save_npy, atomic_write_text
 from rag_models.errors import InputError
+from rag_models.file_manifest import file_digest, verify_requested
+from rag_models.text_limits import clip_all
 
 EmbedFn = Callable[[list[str], list[str]], np.ndarray]  # (titles, texts) -> (N, D) float32
 PLAN_NAME = "encoding.json"
@@ -58,7 +62,7 @@ def check_plan(out_dir: Path, plan: dict) -> None:
     """
     path = out_dir / PLAN_NAME
     if path.is_file():
-        old = json.loads(path.read_text(encoding="utf-8"))
+        old = _read_json(path)
         if old != plan:
             raise InputError(
                 f"holds shards of another encoding ({old}), not of this one ({plan})",
@@ -70,15 +74,29 @@ def check_plan(out_dir: Path, plan: dict) -> None:
     atomic_write_text(path, json.dumps(plan, indent=2) + "\n")
 
 
+def _read_json(path: Path) -> dict:
+    """A small JSON file of the encoding directory, or InputError naming it."""
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as err:
+        raise InputError(f"unreadable ({err})", path=path,
+                         fix="Delete the encoding directory and encode again (it is only a cache)") from None
+
+
 def shard_done(out_dir: Path, number: int, start: int, end: int) -> bool:
     """True when shard ``number`` is complete: sidecar present and the array of the stated shape."""
     sidecar = shard_path(out_dir, number).with_suffix(".json")
     if not sidecar.is_file():
         return False
+    path = shard_path(out_dir, number)
     try:
         info = json.loads(sidecar.read_text(encoding="utf-8"))
-        array = np.load(shard_path(out_dir, number), mmap_mode="r")
-    except (OSError, ValueError):  # truncated or missing .npy: encode it again
+        if "bytes" in info and path.stat().st_size != info["bytes"]:
+            return False  # truncated or modified: encode it again
+        array = np.load(path, mmap_mode="r")
+    except (OSError, ValueError, AttributeError):  # unreadable sidecar, truncated or missing .npy: encode it again
+        return False
+    if verify_requested() and "sha256" in info and file_digest(path) != info["sha256"]:
         return False
     return info.get("rows") == [start,
                                 end] and array.shape == (end - start, info.get("dim")) and array.dtype == np.float32
@@ -104,7 +122,8 @@ def publish_shard(out_dir: Path, number: int, start: int, vectors: np.ndarray) -
     """Write the array (temp + replace), then its sidecar: the sidecar is the 'done' mark."""
     path = shard_path(out_dir, number)
     atomic_save_npy(path, vectors)
-    info = {"rows": [start, start + vectors.shape[0]], "dim": int(vectors.shape[1]), "dtype": "float32"}
+    info = {"rows": [start, start + vectors.shape[0]], "dim": int(vectors.shape[1]), "dtype": "float32",
+            "bytes": path.stat().st_size, "sha256": file_digest(path)}
     atomic_write_text(path.with_suffix(".json"), json.dumps(info) + "\n")
     return path
 
@@ -156,7 +175,7 @@ def load_shards(out_dir: str | Path, out_path: str | Path | None = None) -> np.n
     if not plan_path.is_file():
         raise InputError("no encoding.json: not an encoding directory", path=out_dir,
                          fix="Run encode_corpus (or rag-build-index) into it first")
-    plan = json.loads(plan_path.read_text(encoding="utf-8"))
+    plan = _read_json(plan_path)
     ranges = shard_ranges(plan["count"], plan["shard_size"])
     missing = [n for n, (s, e) in enumerate(ranges) if not shard_done(out_dir, n, s, e)]
     if missing:
@@ -220,7 +239,9 @@ def make_embed_fn(encoder: torch.nn.Module, tokenizer, *, max_length: int = 256,
 
     def embed(titles: list[str], texts: list[str]) -> np.ndarray:
         """(N, D) float32 vectors of N (title, text) pairs."""
-        batch = tokenizer(titles, texts, truncation=True, max_length=max_length, padding=True, return_tensors="pt")
+        # An absurdly long passage is cut before the tokenizer reads it (rag_models/text_limits.py).
+        batch = tokenizer(clip_all(titles, max_length), clip_all(texts, max_length), truncation=True,
+                          max_length=max_length, padding=True, return_tensors="pt")
         with torch.no_grad(), torch.autocast(device_type=device.type, dtype=torch.float16, enabled=use_autocast):
             output = encoder(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device))
         # Our DenseEncoder returns the (B, D) tensor; a bare transformers DPR encoder, an output with pooler_output.

@@ -21,6 +21,8 @@ from index.manifest import (
     check_k,
     check_queries,
     gather_vectors,
+    load_array,
+    load_checked,
     open_passages,
     open_vectors,
     read_rows,
@@ -28,6 +30,7 @@ from index.manifest import (
 )
 from rag_models.atomic import atomic_directory
 from rag_models.errors import InputError
+from rag_models.file_manifest import write_file_manifest
 
 _ADD_CHUNK = 65536  # rows added per faiss call: bounded RAM when the vectors are a memmap
 _FACTORY_FIX = "Use a faiss factory string such as Flat, HNSW32 or IVF4096,PQ64"
@@ -175,7 +178,8 @@ class DenseIndex:
             write_vectors(self._vectors, tmp / VECTORS_NAME)
             if self._ids is not None:
                 np.save(tmp / IDS_NAME, self._ids)
-            manifest.save(tmp)  # last: a directory without it never loads
+            manifest.save(tmp)  # a directory without it never loads
+            write_file_manifest(tmp)  # last: sizes and hashes of every file above
         self.manifest = manifest
         return directory
 
@@ -188,7 +192,7 @@ class DenseIndex:
         ``mmap`` maps IVF lists from disk instead of reading them into RAM.
         """
         directory = Path(directory)
-        manifest = IndexManifest.load(directory)
+        manifest = load_checked(directory)
         faiss_path = directory / FAISS_NAME
         if not faiss_path.is_file():
             raise InputError(f"no {FAISS_NAME} (this index was built with factory {manifest.factory!r})",
@@ -196,12 +200,17 @@ class DenseIndex:
                              "or rebuild with a faiss factory such as --factory Flat")
         store = open_passages(directory, manifest, passages)
         flags = faiss.IO_FLAG_MMAP | faiss.IO_FLAG_READ_ONLY if mmap else 0
-        index = faiss.read_index(str(faiss_path), flags)
+        try:
+            index = faiss.read_index(str(faiss_path), flags)
+        except RuntimeError as err:
+            raise InputError(f"faiss cannot read it ({str(err).splitlines()[-1][:200]}): truncated or not an index",
+                             path=faiss_path, fix="Re-copy the index from where it came from, or rebuild it "
+                             "with rag-build-index") from None
         if index.ntotal != manifest.count or index.d != manifest.dim:
             raise InputError(f"index.faiss holds {index.ntotal} x {index.d}, "
                              f"manifest says {manifest.count} x {manifest.dim}", path=directory,
                              fix="The directory was modified after its build; rebuild the index")
-        ids = np.load(directory / IDS_NAME) if (directory / IDS_NAME).is_file() else None
+        ids = load_array(directory / IDS_NAME) if (directory / IDS_NAME).is_file() else None
         loaded = cls(index, open_vectors(directory, manifest), manifest, ids=ids, passages=store)
         if use_gpu:
             loaded.to_gpu()

@@ -6,6 +6,7 @@ An index directory holds:
     index.faiss     the faiss index (absent for the exact torch index)
     vectors.npy     (N, D) passage vectors, memory-mapped at load: exact `vectors(ids)`
     ids.npy         (N,) int64 row ids, only when they are not 0..N-1
+    checksums.json  every file above with its size and content hash (rag_models/file_manifest.py)
 
 A directory is published by renaming a finished temporary directory onto its
 final name, so a killed save never leaves anything that loads.
@@ -25,6 +26,7 @@ import numpy as np
 
 from rag_models.atomic import atomic_write_text
 from rag_models.errors import InputError
+from rag_models.file_manifest import check_directory
 
 FORMAT_VERSION = 1
 MANIFEST_NAME = "manifest.json"
@@ -85,7 +87,7 @@ class IndexManifest:
         try:
             data = json.loads(path.read_text(encoding="utf-8"))
             manifest = cls(**data)
-        except (json.JSONDecodeError, TypeError) as err:
+        except (json.JSONDecodeError, UnicodeDecodeError, TypeError) as err:
             raise InputError(f"unreadable manifest ({err})", path=path, fix="Rebuild the index") from None
         if manifest.format_version > FORMAT_VERSION:
             raise InputError(
@@ -105,6 +107,23 @@ class IndexManifest:
         if self.passages_path is None:
             return None
         return (Path(directory) / self.passages_path).resolve()
+
+
+def load_checked(directory: str | Path) -> IndexManifest:
+    """The manifest of an index directory whose files are all present with their sizes (and hashes, see
+    rag_models/file_manifest.py); InputError naming a missing, truncated or corrupt file."""
+    manifest = IndexManifest.load(directory)
+    check_directory(directory, what="index")
+    return manifest
+
+
+def load_array(path: Path, *, mmap: bool = False) -> np.ndarray:
+    """``np.load`` of a ``.npy`` the project wrote, or an InputError naming it when it is truncated or not one."""
+    try:
+        return np.load(path, mmap_mode="r" if mmap else None, allow_pickle=False)
+    except (OSError, ValueError, EOFError) as err:
+        raise InputError(f"cannot read the array ({err}): truncated or not a .npy file", path=path,
+                         fix="Re-copy the directory from where it came from, or rebuild it") from None
 
 
 def link_or_copy(source: Path, dest: Path) -> None:
@@ -174,7 +193,7 @@ def open_vectors(directory: Path, manifest: IndexManifest) -> np.ndarray:
     path = directory / VECTORS_NAME
     if not path.is_file():
         raise InputError("index directory lacks vectors.npy", path=directory, fix="Rebuild the index")
-    vectors = np.load(path, mmap_mode="r")  # (N, D), pages read on demand
+    vectors = load_array(path, mmap=True)  # (N, D), pages read on demand
     if vectors.shape != (manifest.count, manifest.dim):
         raise InputError(
             f"vectors.npy has shape {vectors.shape}, the manifest says {(manifest.count, manifest.dim)}",

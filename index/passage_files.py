@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Iterator
@@ -19,6 +20,8 @@ from rag_models.errors import InputError
 TSV_COLUMNS = ("id", "text", "title")
 _TSV_SUFFIXES = (".tsv", ".tsv.gz")
 _JSONL_SUFFIXES = (".jsonl", ".jsonl.gz")
+LONG_PASSAGE_CHARS = 100_000  # a 100-word passage is ~600 characters: a line this long lost its line structure
+_SHOWN_LINES = 10  # line numbers listed in a warning
 
 
 @dataclass(frozen=True)
@@ -54,9 +57,30 @@ def iter_passages(path: str | Path) -> Iterator[Passage]:
 
     Lines are read by :func:`iter_lines` (BOM dropped, CRLF accepted, blank lines skipped); an empty file
     raises. Repeated ids are not checked here (a 21M-passage set would not fit): ``PassageStore`` refuses them.
+    Passages with a blank text are kept (row ids follow the file) with one warning giving their count and
+    first lines; a passage over ``LONG_PASSAGE_CHARS`` warns by line (encoders cut it before tokenizing).
     """
     reader = _iter_tsv if passage_format(path) == "tsv" else _iter_jsonl
-    return reader(Path(path))
+    return _flag_records(Path(path), reader(Path(path)))
+
+
+def _flag_records(path: Path, records: Iterator[tuple[int, Passage]]) -> Iterator[Passage]:
+    """The passages of ``records`` ((line, passage) pairs), warning about blank and absurdly long ones."""
+    blank: list[int] = []
+    for number, passage in records:
+        if not passage.text.strip():
+            blank.append(number)
+        size = len(passage.title) + len(passage.text)
+        if size > LONG_PASSAGE_CHARS:
+            warnings.warn(f"{path}, line {number}: a passage of {size:,} characters (id {passage.id!r}): only its "
+                          "beginning is encoded and read (the models' max_length); the file probably lost its "
+                          "line breaks", stacklevel=2)
+        yield passage
+    if blank:
+        shown = ", ".join(map(str, blank[:_SHOWN_LINES])) + (", ..." if len(blank) > _SHOWN_LINES else "")
+        warnings.warn(f"{path}: {len(blank)} passage(s) with an empty text (line {shown}): kept, so that row ids "
+                      "follow the file, but they can be retrieved while saying nothing; drop or fill them",
+                      stacklevel=2)
 
 
 def iter_lines(path: str | Path, *, skip_blank: bool = True) -> Iterator[tuple[int, str]]:
@@ -118,7 +142,7 @@ def _tsv_header(path: Path, number: int, line: str) -> tuple[dict[str, int], int
     return {name: names.index(name) for name in TSV_COLUMNS}, len(names)
 
 
-def _iter_tsv(path: Path) -> Iterator[Passage]:
+def _iter_tsv(path: Path) -> Iterator[tuple[int, Passage]]:
     """Passages of a DPR-style TSV; columns located by the header's names."""
     columns: dict[str, int] | None = None
     header_line, n_columns = "", 0
@@ -140,7 +164,8 @@ def _iter_tsv(path: Path) -> Iterator[Passage]:
         pid = _unquote(fields[columns["id"]]).strip()
         if not pid:
             raise InputError("empty passage id", path=path, line=number, fix="Give every passage a unique id")
-        yield Passage(id=pid, title=_unquote(fields[columns["title"]]), text=_unquote(fields[columns["text"]]))
+        yield number, Passage(id=pid, title=_unquote(fields[columns["title"]]),
+                              text=_unquote(fields[columns["text"]]))
     if columns is None:
         raise InputError("the file is empty (no header line)", path=path,
                          fix="The first line must be `id<TAB>text<TAB>title`")
@@ -172,11 +197,11 @@ def _jsonl_passage(path: Path, number: int, line: str) -> Passage:
     return Passage(id=pid, title=record["title"], text=record["text"])
 
 
-def _iter_jsonl(path: Path) -> Iterator[Passage]:
+def _iter_jsonl(path: Path) -> Iterator[tuple[int, Passage]]:
     """Passages of a JSONL file, one object a line; an empty file is an InputError, as for the TSV."""
     number = 0
     for number, line in iter_lines(path):
-        yield _jsonl_passage(path, number, line)
+        yield number, _jsonl_passage(path, number, line)
     if number == 0:
         raise InputError("the file holds no passages", path=path,
                          fix='Write one object {"id": ..., "title": ..., "text": ...} a line')

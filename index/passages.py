@@ -9,8 +9,10 @@ Built once from DPR's TSV or JSONL into a directory:
     id_hash.u64 / id_row.i64  sorted 64-bit id hashes and their rows (only for non-integer ids)
     sources.bin / sources.off where each passage came from, e.g. ``notes/report.pdf#page=3`` (only when
                               some passage has a source; meta.json then says ``"sources": true``)
+    checksums.json            every file above with its size and content hash (rag_models/file_manifest.py)
 
-Opening maps the files and reads meta.json: time and RAM do not grow with the
+Opening maps the files, reads meta.json and checks every file's size against
+checksums.json (a truncated column is refused by name): time and RAM do not grow with the
 corpus. DPR's ids are the integers 1..N, so `row_of` is one subtraction; other
 ids go through a sorted hash table on disk (binary search over a memmap).
 
@@ -23,6 +25,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import sys
 import time
 from pathlib import Path
 from typing import Iterable, Sequence
@@ -33,6 +36,7 @@ from tqdm import tqdm
 from index.passage_files import Passage, iter_passages
 from rag_models.atomic import atomic_directory
 from rag_models.errors import InputError
+from rag_models.file_manifest import check_directory, content_fingerprint, same_source, write_file_manifest
 
 STORE_VERSION = 1
 _FLUSH_EVERY = 65536  # records buffered before a write: bounded RAM, few syscalls
@@ -78,21 +82,25 @@ def _id_hash(pid: str) -> int:
 def existing_store(directory: Path, source: dict, *, refusal: str, fix: str) -> "PassageStore | None":
     """The finished store at ``directory`` when it was built from ``source`` (a fingerprint), None when there is none.
 
-    A re-run reuses the store instead of rebuilding it. Raises InputError(``refusal``, ``fix``) when the store
-    there was built from something else (its fingerprint differs).
+    A re-run reuses the store instead of rebuilding it; a damaged one (a file cut or missing) is rebuilt, with a
+    message. Raises InputError(``refusal``, ``fix``) when the store there was built from something else (its
+    fingerprint differs).
     """
     if not (directory / "meta.json").is_file():
         return None
-    store = PassageStore.open(directory)
-    if store.meta.get("source") == source:
+    try:
+        store = PassageStore.open(directory)
+    except InputError as err:
+        print(f"passage store: {err}; building it again", file=sys.stderr)
+        return None
+    if same_source(store.meta.get("source"), source):
         return store
     raise InputError(refusal.format(source=store.meta.get("source")), path=directory, fix=fix)
 
 
 def source_fingerprint(path: Path) -> dict:
-    """Name, size and mtime of the source file: enough to notice it changed."""
-    stat = path.stat()
-    return {"name": path.name, "size": stat.st_size, "mtime": int(stat.st_mtime)}
+    """Name, size and content hash of the source file: a store is reused only for the same content."""
+    return content_fingerprint(path)
 
 
 class PassageStore:
@@ -118,14 +126,15 @@ class PassageStore:
                 fix="Build one with PassageStore.build(passages_file, out_dir) or rag-build-index; "
                 "a directory without meta.json is an unfinished build",
             )
-        self.meta: dict = json.loads(meta_path.read_text(encoding="utf-8"))
+        check_directory(self.directory, what="passage store")
+        self.meta = _read_meta(meta_path)
         self._count = int(self.meta["count"])
         self._columns = {name: self._open_column(name) for name in _FIELDS if name != "ids" or not self._range_ids}
         if self.has_sources:
             self._columns[_SOURCES] = self._open_column(_SOURCES)
         if not self._range_ids:
-            self._hashes = np.memmap(self.directory / "id_hash.u64", dtype=np.uint64, mode="r", shape=(self._count,))
-            self._hash_rows = np.memmap(self.directory / "id_row.i64", dtype=np.int64, mode="r", shape=(self._count,))
+            self._hashes = _map(self.directory / "id_hash.u64", np.uint64, self._count)  # (N,) sorted
+            self._hash_rows = _map(self.directory / "id_row.i64", np.int64, self._count)  # (N,)
 
     @property
     def _range_ids(self) -> bool:
@@ -137,13 +146,18 @@ class PassageStore:
         return bool(self.meta.get(_SOURCES))
 
     def _open_column(self, name: str) -> tuple[np.ndarray, np.ndarray]:
-        offsets = np.memmap(self.directory / f"{name}.off", dtype=np.int64, mode="r")  # (N+1,)
+        offsets = _map(self.directory / f"{name}.off", np.int64)  # (N+1,)
         if offsets.shape[0] != self._count + 1:
             raise InputError(f"{name}.off holds {offsets.shape[0] - 1} offsets, meta.json says {self._count}",
                              path=self.directory, fix="The store was modified after its build; rebuild it")
         size = int(offsets[-1])
+        blob_size = (self.directory / f"{name}.bin").stat().st_size
+        if blob_size != size:  # also for stores written before checksums.json
+            raise InputError(f"{name}.bin holds {blob_size:,} bytes, its offsets end at {size:,} (truncated or "
+                             "modified)", path=self.directory / f"{name}.bin",
+                             fix="Re-copy the passage store from where it came from, or rebuild it")
         # np.memmap refuses zero-length files: an all-empty column is an empty array.
-        blob = np.memmap(self.directory / f"{name}.bin", dtype=np.uint8, mode="r") if size else np.zeros(0, np.uint8)
+        blob = _map(self.directory / f"{name}.bin", np.uint8) if size else np.zeros(0, np.uint8)
         return offsets, blob
 
     @classmethod
@@ -175,6 +189,7 @@ class PassageStore:
                     (tmp / f"{name}.{suffix}").unlink()
             meta.update(version=STORE_VERSION, source=source, created=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
             (tmp / "meta.json").write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
+            write_file_manifest(tmp)  # last: sizes and hashes of every file above
         return cls(out_dir)
 
     # ---- access -------------------------------------------------------------------------
@@ -244,11 +259,33 @@ class PassageStore:
         raise KeyError(f"no passage with id {pid!r} in {self.directory}")
 
 
+def _map(path: Path, dtype: type, count: int | None = None) -> np.ndarray:
+    """A read-only memmap of a store file, or InputError naming it (missing, or cut mid-item in an old store)."""
+    try:
+        return np.memmap(path, dtype=dtype, mode="r", shape=None if count is None else (count,))
+    except (OSError, ValueError) as err:
+        raise InputError(f"cannot map the file ({err})", path=path,
+                         fix="Re-copy the passage store from where it came from, or rebuild it") from None
+
+
+def _read_meta(path: Path) -> dict:
+    """meta.json of a store, or an InputError naming it when it is unreadable or lacks a key."""
+    try:
+        meta = json.loads(path.read_text(encoding="utf-8"))
+        if not isinstance(meta, dict) or not {"count", "checksum", "id_mode"} <= set(meta):
+            raise ValueError("expected an object with count, checksum and id_mode")
+        int(meta["count"])
+    except (ValueError, TypeError) as err:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise InputError(f"unreadable store metadata ({err})", path=path,
+                         fix="Re-copy the passage store from where it came from, or rebuild it") from None
+    return meta
+
+
 def _write_columns(passages: Iterable[Passage], directory: Path, progress: bool) -> dict:
     """Stream passages into the columns; returns count, checksum, the id scheme and whether any has a source."""
     writers = {name: _ColumnWriter(directory, name) for name in (*_FIELDS, _SOURCES)}
     digest = hashlib.blake2b(digest_size=16)
-    count, start, consecutive, any_source = 0, None, True, False
+    count, start, consecutive, any_source, blank = 0, None, True, False, 0
     for passage in tqdm(passages, desc="passage store", unit=" psg", unit_scale=True, disable=not progress):
         if not passage.id:
             raise InputError(f"passage #{count + 1} has an empty id", setting="passages",
@@ -261,6 +298,7 @@ def _write_columns(passages: Iterable[Passage], directory: Path, progress: bool)
             digest.update(data)
         writers[_SOURCES].append(passage.source.encode("utf-8"))  # not in the checksum: provenance only
         any_source = any_source or bool(passage.source)
+        blank += not passage.text.strip()
         if consecutive:
             if start is None:
                 consecutive = passage.id.lstrip("-").isdigit() and str(int(passage.id)) == passage.id
@@ -277,6 +315,8 @@ def _write_columns(passages: Iterable[Passage], directory: Path, progress: bool)
             "id_start": start if consecutive else None}
     if any_source:  # stores without sources keep exactly the meta.json they always had
         meta[_SOURCES] = True
+    if blank:  # kept (rows follow the file), flagged: they are retrievable yet say nothing
+        meta["blank_texts"] = blank
     return meta
 
 

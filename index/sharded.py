@@ -22,7 +22,15 @@ import torch
 import torch.distributed as dist
 
 from index.faiss_index import DenseIndex
-from index.manifest import IndexManifest, check_k, check_queries, gather_vectors, open_passages, open_vectors
+from index.manifest import (
+    IndexManifest,
+    check_k,
+    check_queries,
+    gather_vectors,
+    load_checked,
+    open_passages,
+    open_vectors,
+)
 from index.torch_index import DEFAULT_CHUNK, EXACT_FACTORY, TorchIndex
 from rag_models.errors import InputError
 
@@ -101,7 +109,7 @@ class ShardedIndex:
     def from_dir(cls, path: str | Path, *, passages: object = None, **options) -> "ShardedIndex":
         """Open an index directory and build this rank's slice (options as in ``from_vectors``)."""
         directory = Path(path)
-        manifest = IndexManifest.load(directory)
+        manifest = load_checked(directory)
         store = open_passages(directory, manifest, passages)
         return cls.from_vectors(open_vectors(directory, manifest), manifest, passages=store, **options)
 

@@ -20,12 +20,14 @@ from index.manifest import (
     check_k,
     check_queries,
     gather_vectors,
+    load_checked,
     open_passages,
     open_vectors,
     write_vectors,
 )
 from rag_models.atomic import atomic_directory
 from rag_models.errors import InputError
+from rag_models.file_manifest import write_file_manifest
 
 EXACT_FACTORY = "exact"  # the manifest's factory for an index that is only vectors
 # Rows scored per matmul: 65,536 x 768 fp32 is 200 MB, small next to the corpus, large enough for full speed.
@@ -142,6 +144,7 @@ class TorchIndex:
         with atomic_directory(directory) as tmp:
             write_vectors(self._vectors, tmp / VECTORS_NAME)
             manifest.save(tmp)
+            write_file_manifest(tmp)  # last: sizes and hashes of every file above
         self.manifest = manifest
         return directory
 
@@ -150,7 +153,7 @@ class TorchIndex:
              dtype: torch.dtype | None = None, chunk_size: int = DEFAULT_CHUNK) -> "TorchIndex":
         """Open any index directory (faiss-built or not) using only its manifest and vectors."""
         directory = Path(directory)
-        manifest = IndexManifest.load(directory)
+        manifest = load_checked(directory)
         store = open_passages(directory, manifest, passages)
         return cls(open_vectors(directory, manifest), manifest, passages=store, device=device, dtype=dtype,
                    chunk_size=chunk_size)

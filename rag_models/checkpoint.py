@@ -7,6 +7,8 @@ A saved RagModel is a directory:
     context_encoder/    only when the model has one (end-to-end training, or kept for re-indexing)
     rag_config.json     marginalization, n_docs, lengths, ... (RagModel.settings()), and "mode":
                         "rag", or "closed_book" for a generator trained to read the question alone
+    checksums.json      every file above with its size and content hash (rag_models/file_manifest.py),
+                        checked at load: a truncated, missing or replaced file is refused by name
 
 It is written to a temporary directory beside the target and renamed into place,
 so a run killed mid-save never leaves a directory that looks complete.
@@ -19,6 +21,7 @@ from typing import Any
 
 from rag_models.atomic import atomic_directory
 from rag_models.errors import InputError
+from rag_models.file_manifest import check_directory, write_file_manifest
 from rag_models.generator import DOC_SEP, TITLE_SEP, Generator
 from rag_models.loaders import load_generator_checkpoint
 from rag_models.rag import RagModel
@@ -55,6 +58,7 @@ def save_rag_model(model: RagModel, out_dir: str | Path, *, mode: str = "rag",
         (tmp / CONFIG_NAME).write_text(json.dumps({**model.settings(), "mode": mode}, indent=2) + "\n")
         for name, text in (extra_files or {}).items():
             (tmp / name).write_text(text)
+        write_file_manifest(tmp)  # last: lists every file above
     return Path(out_dir)
 
 
@@ -80,9 +84,23 @@ def saved_settings(model_dir: str | Path) -> dict[str, Any]:
     return settings
 
 
-def load_rag_model(model_dir: str | Path, **overrides: Any) -> RagModel:
-    """Load a directory written by `save_rag_model`; ``overrides`` replace saved settings (e.g. n_docs)."""
+def check_saved_model(model_dir: str | Path, *, verify: bool | None = None) -> None:
+    """Refuse a saved RagModel directory with a missing, truncated or (with ``verify``) corrupt file, by name.
+
+    ``verify`` None: contents hashed when ``RAG_VERIFY_FILES=1`` or on the first use of a copy (see
+    rag_models/file_manifest.py); sizes are always checked. Raises InputError.
+    """
+    if (Path(model_dir) / CONFIG_NAME).is_file():  # else saved_settings says what the directory is not
+        check_directory(model_dir, what="checkpoint", verify=verify)
+
+
+def load_rag_model(model_dir: str | Path, *, verify: bool | None = None, **overrides: Any) -> RagModel:
+    """Load a directory written by `save_rag_model`; ``overrides`` replace saved settings (e.g. n_docs).
+
+    Every file is checked first (`check_saved_model`; ``verify``: hash the contents too).
+    """
     model_dir = Path(model_dir)
+    check_saved_model(model_dir, verify=verify)
     settings = saved_settings(model_dir)
     settings.update(overrides)
     context = model_dir / "context_encoder"
@@ -139,6 +157,7 @@ def build_rag_model(
     not a saved RagModel.
     """
     if init_from is not None:
+        check_saved_model(init_from)
         saved = saved_settings(init_from)
         source = Path(init_from)
         question_encoder, generator = str(source / "question_encoder"), str(source / "generator")

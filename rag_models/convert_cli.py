@@ -16,6 +16,7 @@ import sys
 from pathlib import Path
 
 from rag_models.errors import InputError
+from rag_models.file_manifest import request_verify
 from rag_models.transformers_rag import PROVENANCE_NAME, export_transformers_rag, import_transformers_rag
 
 
@@ -40,6 +41,8 @@ def _export_parser() -> argparse.ArgumentParser:
                         "RagRetriever will feed it 'title / text // question'")
     parser.add_argument("--knowledge", default=None, help="a directory written by rag-export-index: the exported "
                         "config points RagRetriever(index_name='custom') at it")
+    parser.add_argument("--verify", action="store_true",
+                        help="hash every file of model_dir first (their sizes are always checked)")
     return parser
 
 
@@ -80,6 +83,7 @@ def export_main(argv: list[str] | None = None) -> None:
     args = _export_parser().parse_args(argv)
 
     def action() -> None:
+        request_verify(args.verify)
         out = export_transformers_rag(Path(args.model_dir), args.out,
                                       allow_input_format_change=args.allow_input_format_change,
                                       knowledge=args.knowledge)

@@ -20,6 +20,7 @@ from torch import Tensor, nn
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from rag_models.errors import InputError
+from rag_models.text_limits import clip_for_tokens
 
 TITLE_SEP = " / "  # between a passage's title and its text (as transformers' RagConfig)
 DOC_SEP = " // "  # between the question and the passage (as transformers' RagConfig)
@@ -63,8 +64,8 @@ def _question_first(gen: "Generator", questions: list[str], titles: list[list[st
     """``question // title / text``; a question over `Generator.question_budget` keeps its beginning."""
     tok = gen.tokenizer
     q_ids = tok([gen.prefix + q.strip() for q in questions], add_special_tokens=False)["input_ids"]
-    passages = [f"{gen.doc_sep}{_clean_title(t)}{gen.title_sep}{x}" for ts, xs in zip(titles, texts)
-                for t, x in zip(ts, xs)]
+    passages = [clip_for_tokens(f"{gen.doc_sep}{_clean_title(t)}{gen.title_sep}{x}", gen.max_source_length)
+                for ts, xs in zip(titles, texts) for t, x in zip(ts, xs)]  # long ones cut before tokenizing
     p_ids = tok(passages, add_special_tokens=False)["input_ids"]  # B*K lists
     head, tail = gen.special_frame
     k = len(titles[0])
@@ -81,7 +82,8 @@ def _transformers_format(gen: "Generator", questions: list[str], titles: list[li
                          texts: list[list[str]]) -> tuple[Tensor, Tensor]:
     """transformers' RagRetriever format ``title / text // question``, padded to max_source_length."""
     strings = [
-        (gen.prefix + _clean_title(t) + gen.title_sep + x + gen.doc_sep + q).replace("  ", " ")
+        (gen.prefix + clip_for_tokens(_clean_title(t) + gen.title_sep + x, gen.max_source_length) + gen.doc_sep
+         + q).replace("  ", " ")
         for q, ts, xs in zip(questions, titles, texts)
         for t, x in zip(ts, xs)
     ]

@@ -7,8 +7,10 @@ tests exercise the loading path of `facebook/bart-large` and
 """
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
+from typing import Iterator
 
 from transformers import (
     AutoConfig,
@@ -22,7 +24,14 @@ from transformers import (
 )
 
 from rag_models.errors import InputError
+from rag_models.file_manifest import MANIFEST_NAME, check_directory
 
+# The files of a checkpoint that hold its weights / its tokenizer (named when they cannot be read).
+PART_FILES = {
+    "weights": ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin"),
+    "tokenizer": ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt", "vocab.txt",
+                  "special_tokens_map.json"),
+}
 # Which DPR class serves which side; a non-DPR encoder loads with AutoModel.
 DPR_CLASSES: dict[str, type[PreTrainedModel]] = {
     "question": DPRQuestionEncoder,
@@ -39,9 +48,11 @@ def load_encoder_checkpoint(name_or_path: str | Path, role: str) -> tuple[PreTra
     """
     if role not in DPR_CLASSES:
         raise InputError(f"unknown encoder role {role!r}", setting="role", fix="use 'question' or 'context'")
+    check_local_checkpoint(name_or_path)
     config = _load_config(name_or_path)
     model_class = DPR_CLASSES[role] if config.model_type == "dpr" else AutoModel
-    model = model_class.from_pretrained(str(name_or_path))
+    with _unreadable_files(name_or_path, "weights"):
+        model = model_class.from_pretrained(str(name_or_path))
     return model.eval(), load_tokenizer(name_or_path)
 
 
@@ -50,8 +61,10 @@ def load_generator_checkpoint(name_or_path: str | Path) -> tuple[PreTrainedModel
 
     Raises InputError when the checkpoint cannot be found.
     """
+    check_local_checkpoint(name_or_path)
     _load_config(name_or_path)
-    model = AutoModelForSeq2SeqLM.from_pretrained(str(name_or_path))
+    with _unreadable_files(name_or_path, "weights"):
+        model = AutoModelForSeq2SeqLM.from_pretrained(str(name_or_path))
     return model.eval(), load_tokenizer(name_or_path)
 
 
@@ -62,9 +75,44 @@ def load_tokenizer(name_or_path: str | Path, **kwargs: object) -> PreTrainedToke
     checkpoint copied without them): every question would become [CLS] [UNK] ... [SEP] and every
     answer silently wrong. Raises InputError then, naming the directory.
     """
-    tokenizer = AutoTokenizer.from_pretrained(str(name_or_path), **kwargs)
+    with _unreadable_files(name_or_path, "tokenizer"):
+        tokenizer = AutoTokenizer.from_pretrained(str(name_or_path), **kwargs)
     check_tokenizer(tokenizer, name_or_path)
     return tokenizer
+
+
+def check_local_checkpoint(name_or_path: str | Path) -> None:
+    """Check a local checkpoint directory against its file manifest, or its parent's (a saved RagModel's part).
+
+    Sizes always, contents as rag_models/file_manifest.py decides; hub names and unlisted directories pass.
+    Raises InputError naming a missing, truncated or corrupt file.
+    """
+    path = Path(name_or_path)
+    if not path.is_dir():
+        return
+    if (path / MANIFEST_NAME).is_file():
+        check_directory(path, what="checkpoint")
+    elif (path.parent / MANIFEST_NAME).is_file():
+        check_directory(path.parent, what="checkpoint", under=path.name)
+
+
+@contextlib.contextmanager
+def _unreadable_files(name_or_path: str | Path, part: str) -> Iterator[None]:
+    """Turn a library's error about damaged files (safetensors, JSON, tokenizers) into an InputError naming them.
+
+    ``part``: "weights" or "tokenizer", whose files (`PART_FILES`) present in a local directory are named.
+    """
+    try:
+        yield
+    except InputError:
+        raise
+    except Exception as err:  # SafetensorError, OSError, JSON's ValueError; tokenizers raises a bare Exception
+        first = (str(err).splitlines() or [type(err).__name__])[0][:300]
+        present = [name for name in PART_FILES[part] if (Path(name_or_path) / name).is_file()]
+        files = f" ({', '.join(present)})" if present else ""
+        raise InputError(f"cannot read the {part}{files}: {type(err).__name__}: {first}; truncated or not the "
+                         "files save_pretrained wrote", path=name_or_path,
+                         fix="Re-copy the checkpoint from where it came from, or re-save it") from err
 
 
 def check_tokenizer(tokenizer: PreTrainedTokenizerBase, where: str | Path) -> None:

@@ -19,7 +19,9 @@ from transformers import BatchEncoding, PreTrainedModel, PreTrainedTokenizerBase
 
 from rag_models.atomic import atomic_directory
 from rag_models.errors import InputError
+from rag_models.file_manifest import write_file_manifest
 from rag_models.loaders import load_encoder_checkpoint
+from rag_models.text_limits import clip_all
 
 POOLING_KEY = "rag_pooling"  # stored in the encoder's config.json, so a saved encoder reloads as it was
 
@@ -93,11 +95,15 @@ class DenseEncoder(nn.Module):
         return projection if projection > 0 else self.model.config.hidden_size
 
     def save_pretrained(self, out_dir: str | Path, tokenizer: PreTrainedTokenizerBase | None = None) -> None:
-        """Write the encoder (pooling in its config.json) and optionally its tokenizer, atomically."""
+        """Write the encoder (pooling in its config.json) and optionally its tokenizer, atomically.
+
+        checksums.json lists every file (rag_models/file_manifest.py): `load_encoder` refuses a damaged copy.
+        """
         with atomic_directory(out_dir) as tmp:
             self.model.save_pretrained(tmp)
             if tokenizer is not None:
                 tokenizer.save_pretrained(tmp)
+            write_file_manifest(tmp)
 
 
 def load_encoder(name_or_path: str | Path, *, role: str = "question",
@@ -140,4 +146,5 @@ def tokenize_passages(tokenizer: PreTrainedTokenizerBase, titles: list[str], tex
     if len(titles) != len(texts):
         raise InputError(f"{len(titles)} titles for {len(texts)} texts", setting="passages",
                          fix="give one title per passage (an empty string if none)")
-    return tokenizer(titles, texts, max_length=max_length, truncation=True, padding=True, return_tensors="pt")
+    return tokenizer(clip_all(titles, max_length), clip_all(texts, max_length), max_length=max_length,
+                     truncation=True, padding=True, return_tensors="pt")

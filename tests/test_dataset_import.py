@@ -108,7 +108,8 @@ def test_every_source_kind_keeps_rows_vectors_and_search(data, tmp_path, kind):
 
 def test_exact_factory_is_vectors_only_and_opens_with_the_torch_backend(data, tmp_path):
     import_dataset(data["parquet_dir"], tmp_path / "out", factory="exact", progress=False)
-    assert sorted(p.name for p in (tmp_path / "out" / "index").iterdir()) == ["manifest.json", "vectors.npy"]
+    names = sorted(p.name for p in (tmp_path / "out" / "index").iterdir() if not p.name.startswith("."))
+    assert names == ["checksums.json", "manifest.json", "vectors.npy"]  # no index.faiss (and the file manifest)
     retriever = IndexSettings(path=str(tmp_path / "out"), factory=None, backend="torch").open()
     queries = data["vectors"][:4]  # (4, D)
     _, ids = retriever.index.search(queries, K)

@@ -135,8 +135,9 @@ CHECKSUM_BEFORE_SOURCES = "blake2b:0583fad6a1003c12705dca3b82b797e8"  # _corpus(
 def test_store_without_sources_is_written_as_before(tmp_path):
     store = PassageStore.from_passages(_corpus(20), tmp_path / "s", progress=False)
     assert store.checksum == CHECKSUM_BEFORE_SOURCES
+    # the column files of old, plus the file manifest (and the hidden record that this copy was verified)
     assert sorted(p.name for p in (tmp_path / "s").iterdir()) == [
-        "meta.json", "texts.bin", "texts.off", "titles.bin", "titles.off"]
+        ".checksums.verified", "checksums.json", "meta.json", "texts.bin", "texts.off", "titles.bin", "titles.off"]
     assert "sources" not in store.meta and not store.has_sources
     assert store.sources([0, 19, 0]) == ["", "", ""] and store.get(5).source == ""
     with pytest.raises(IndexError):

@@ -81,6 +81,11 @@ PASSAGE_TABLE = {
                                     "empty": r"p\.jsonl: the file holds no passages"}),
 }
 
+# Blank questions are refused by line in every question format (a blank passage is kept with a warning, below).
+QUESTION_TABLE["q.jsonl"]["blank question"] = (_lines([NQ[0], '{"question": "   ", "answer": ["y"]}']),
+                                              "line 2: `question` must be a non-empty string")
+QUESTION_TABLE["q.csv"]["blank question"] = (_lines([CSV[0], "   \t['y']"]), "line 2: empty question")
+
 
 def _outcome(read: Callable[[], Any]) -> Any:
     """What a command makes of a file: its records, or ``InputError: message``."""
@@ -297,3 +302,48 @@ def test_prediction_reader_table(tmp_path: Path, variant: str) -> None:
         assert scores == outcome and f"{path}, line" in outcome  # names the file and line
     else:
         assert (scores["num_correct"], scores["missing_predictions"]) == (len(expected), 2 - len(expected))
+
+
+BLANK_AND_LONG = {  # passages 2 and 3 have no text (3 not even a title), passage 4 lost its line breaks
+    "p.tsv": [*TSV, "3\t\tC", "4\t \t ", "5\t" + "word " * 30_000 + "\tE"],
+    "p.jsonl": [*PJ, '{"id": "3", "title": "C", "text": ""}', '{"id": "4", "title": " ", "text": " "}',
+                json.dumps({"id": "5", "title": "E", "text": "word " * 30_000})],
+}
+
+
+@pytest.mark.parametrize("name", list(BLANK_AND_LONG))
+def test_blank_and_long_passages_warn_alike(tmp_path: Path, name: str) -> None:
+    """Every passage reader keeps blank passages (row ids follow the file) with one warning giving their count and
+    lines, warns about a passage of 150,000 characters by line; the store records how many are blank."""
+    path = tmp_path / name
+    path.write_bytes(_lines(BLANK_AND_LONG[name]))
+    first = 2 if name == "p.tsv" else 1  # line of passage 1
+    messages = {}
+    for command, read in (("rag-build-index", _store_passages), ("corpus", lambda p: list(iter_passages(p)))):
+        with pytest.warns(UserWarning) as caught:
+            records = read(path)
+        assert len(records) == 5  # nothing dropped
+        messages[command] = sorted(str(w.message) for w in caught if name in str(w.message))
+    assert messages["rag-build-index"] == messages["corpus"]
+    long_warning, blank_warning = messages["corpus"]
+    assert f"line {first + 4}: a passage of 150,001 characters" in long_warning
+    assert f"2 passage(s) with an empty text (line {first + 2}, {first + 3})" in blank_warning
+    assert PassageStore.open(tmp_path / "store").meta["blank_texts"] == 2
+
+
+REFERENCE_FILES = {  # the same two questions in every reference format; each file starts with a BOM
+    "q.jsonl": {"q.jsonl": _lines(NQ)},
+    "q.csv": {"q.csv": _lines(CSV)},
+    "q.source": {"q.source": _lines(["who a", "who b"]), "q.target": _lines(["x", "y\tz"])},
+}
+
+
+@pytest.mark.parametrize("name", list(REFERENCE_FILES))
+@pytest.mark.parametrize("bom_in", ["references", "predictions", "both"])
+def test_perfect_predictions_score_one_whatever_the_bom(tmp_path: Path, name: str, bom_in: str) -> None:
+    """rag-score: perfect predictions over a BOM'd reference file (or BOM'd predictions) score EM 1.0, not 0.5."""
+    for file_name, data in REFERENCE_FILES[name].items():
+        (tmp_path / file_name).write_bytes((BOM if bom_in != "predictions" else b"") + data)
+    (tmp_path / "p.jsonl").write_bytes((BOM if bom_in != "references" else b"") + _lines(PREDICTIONS))
+    metrics = score_files(tmp_path / name, tmp_path / "p.jsonl")
+    assert metrics["exact_match"] == 1.0 and metrics["num_total"] == 2, metrics

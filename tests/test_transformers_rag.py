@@ -19,6 +19,7 @@ from transformers import RagSequenceForGeneration, RagTokenForGeneration, RagTok
 from index.build_cli import build_index
 from index.dataset_export import main as export_index_main
 from index.passages import PassageStore
+from rag_models import file_manifest
 from rag_models.checkpoint import build_rag_model, load_rag_model, save_rag_model
 from rag_models.convert_cli import export_main, import_main
 from rag_models.errors import InputError
@@ -226,7 +227,10 @@ def test_a_checkpoint_without_its_tokenizer_files_is_refused(tiny_setup: TinySet
     for name in (ours / "question_encoder").glob("*"):
         if "vocab" in name.name or "tokenizer" in name.name:
             name.unlink()
-    with pytest.raises(InputError, match="no vocabulary"):
+    with pytest.raises(InputError, match=r"question_encoder/tokenizer.*: file missing: the checkpoint is damaged"):
+        load_rag_model(ours)  # its checksums.json lists the files
+    (ours / "checksums.json").unlink()  # as written before file manifests: transformers' empty tokenizer is caught
+    with pytest.warns(UserWarning, match="no checksums.json"), pytest.raises(InputError, match="no vocabulary"):
         load_rag_model(ours)
 
 
@@ -253,6 +257,7 @@ def test_rag_sequence_export_keeps_the_generators_generation_settings(tiny_setup
     path = imported / "generator" / "generation_config.json"
     path.write_text(json.dumps({**json.loads(path.read_text()), "num_beams": 4, "no_repeat_ngram_size": 3,
                                 "max_length": 20}))
+    assert file_manifest.main([str(imported)]) == 0  # edited on purpose: list the files again (else refused)
     exported = export_transformers_rag(imported, tmp_path / "exported")
     again = import_transformers_rag(exported, tmp_path / "again")
     assert json.loads((again / "generator" / "generation_config.json").read_text()) == json.loads(path.read_text())

@@ -20,6 +20,7 @@ import hydra
 from omegaconf import DictConfig
 
 from rag_models.errors import InputError
+from rag_models.file_manifest import request_verify
 from training.config import CONFIG_DIR
 from training.evaluation.job import EvalJob, check_job, job_from_config, load_examples
 from training.evaluation.processes import launch
@@ -36,6 +37,7 @@ def evaluate(job: DictConfig | EvalJob) -> dict[str, Any]:
     if isinstance(job, DictConfig):
         job = job_from_config(job)
     check_job(job)
+    request_verify(job.verify)  # the processes started below inherit it
     load_examples(job)  # a bad question file fails here, before any process or model starts
     return launch(job)
 

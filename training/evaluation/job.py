@@ -37,6 +37,8 @@ class EvalJob:
         accelerator: "auto" (GPUs when present), "cpu" or "gpu".
         report_examples: answered questions shown in report.md.
         progress: a progress bar over the questions (rank 0).
+        verify: hash every file of the checkpoint and the index against their checksums.json (sizes are always
+            checked; rag_models/file_manifest.py).
         max_source_length, max_question_length, max_target_length: replace the checkpoint's length settings
             (`load_rag_model` overrides); None = as saved. Longer questions are cut to fit, never refused.
     """
@@ -56,6 +58,7 @@ class EvalJob:
     accelerator: str = "auto"
     report_examples: int = 5
     progress: bool = True
+    verify: bool = False
     max_source_length: int | None = None
     max_question_length: int | None = None
     max_target_length: int | None = None
@@ -101,6 +104,7 @@ def job_from_config(cfg: DictConfig) -> EvalJob:
         accelerator=str(trainer.get("accelerator", "auto")),
         report_examples=int(cfg.get("report_examples", 5)),
         progress=bool(cfg.get("progress", True)),
+        verify=bool(cfg.get("verify", False)),
         **{name: cfg.get(name) for name in LENGTH_SETTINGS},
     )
 

@@ -12,9 +12,12 @@ from dataclasses import asdict, replace
 from typing import Any
 
 from rag_models.atomic import atomic_text_writer, atomic_write_text
+from rag_models.file_manifest import write_file_manifest
 from training.evaluation.job import EvalJob
 from training.evaluation.metrics import recall_hits, score_predictions
 from training.evaluation.records import EvalParts
+
+OUTPUT_FILES = ("predictions.jsonl", "report.md", "eval_job.json", "metrics.json")  # listed in checksums.json
 
 RECALL_KS = (1, 5, 20, 100)
 
@@ -79,7 +82,11 @@ def render_report(metrics: dict[str, Any], records: list[dict[str, Any]], n_exam
 
 
 def write_outputs(job: EvalJob, records: list[dict[str, Any]], metrics: dict[str, Any]) -> None:
-    """predictions.jsonl, report.md, eval_job.json, then metrics.json: its presence means the run completed."""
+    """predictions.jsonl, report.md, eval_job.json, then metrics.json: its presence means the run completed.
+
+    Then checksums.json lists those four files with their sizes and hashes (rag_models/file_manifest.py):
+    rag-score refuses a predictions file cut or changed since.
+    """
     job.out_dir.mkdir(parents=True, exist_ok=True)
     metrics_path = job.out_dir / "metrics.json"
     metrics_path.unlink(missing_ok=True)  # an old metrics.json must not vouch for new predictions
@@ -89,3 +96,4 @@ def write_outputs(job: EvalJob, records: list[dict[str, Any]], metrics: dict[str
     atomic_write_text(job.out_dir / "report.md", render_report(metrics, records, job.report_examples))
     atomic_write_text(job.out_dir / "eval_job.json", json.dumps(asdict(job), indent=2, default=str) + "\n")
     atomic_write_text(metrics_path, json.dumps(metrics, indent=2) + "\n")
+    write_file_manifest(job.out_dir, files=OUTPUT_FILES)

@@ -18,6 +18,7 @@ from typing import Any
 
 from index.passage_files import iter_lines
 from rag_models.errors import InputError
+from rag_models.file_manifest import check_file
 from training.data.questions import QAExample, read_questions, refuse_repeats
 from training.evaluation.metrics import compile_pattern, score_predictions
 
@@ -53,6 +54,7 @@ def read_predictions(path: str | Path, known_questions: set[str] | None = None,
     is no predictions, not an error: every reference then counts in ``missing_predictions``.
     """
     path = Path(path)
+    check_file(path, what="evaluation output")  # rag-eval's predictions.jsonl: refused when cut or changed since
     predictions: dict[str, str] = {}
     first_line: dict[str, int] = {}
     for number, line in iter_lines(path):

@@ -23,6 +23,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from rag_models.atomic import atomic_write_text
 from rag_models.errors import InputError
+from rag_models.file_manifest import request_verify
 from training.config import CONFIG_DIR, instantiate, instantiate_all
 from training.lit.checkpoint_io import safe_torch_load
 
@@ -83,6 +84,7 @@ def train(cfg: DictConfig, *, extra_callbacks: list[pl.Callback] | None = None) 
     ``extra_callbacks`` join the configured ones (notebooks, fault-injection in tests).
     """
     run_dir = _check(cfg)
+    request_verify(bool(cfg.get("verify", False)))  # hash every file loaded (init_from, index, checkpoints)
     pl.seed_everything(cfg.seed, workers=True)
     datamodule = instantiate(cfg.data)
     module = instantiate(cfg.module)
