@@ -244,8 +244,9 @@ def test_decoders_score_in_float32_under_autocast(parts, strategy):
 def test_bf16_mixed_training_learns_like_float32(tiny_setup, tmp_path: Path):
     """rag-train (demo experiment, tiny set-up) under trainer.precision=bf16-mixed and 32-true, same seed.
 
-    Measure: the mean train/loss of the last 5 of 30 steps; bf16-mixed within 5% of float32 (measured: see the
-    assert), and both below 80% of the first 5 steps' mean (it learns); every logged loss finite.
+    Measure: the mean train/loss of the last 5 of 30 steps; bf16-mixed within 1% of float32 (measured on 2 CPU
+    cores, torch 2.13: 36.1391 vs 36.1387, from 52.448 over the first 5 steps in both), and both below 80% of the
+    first 5 steps' mean (it learns); every logged loss finite.
     """
     from test_training import _column, _config, _read_csv_metrics  # the training tests' own helpers
 
@@ -264,4 +265,4 @@ def test_bf16_mixed_training_learns_like_float32(tiny_setup, tmp_path: Path):
         assert means[precision][1] < 0.8 * means[precision][0], losses
     print("first-5 and last-5 mean train/loss:", means)
     first, last = means["32-true"], means["bf16-mixed"]
-    assert abs(last[1] - first[1]) <= 0.05 * first[1], means
+    assert abs(last[1] - first[1]) <= 0.01 * first[1], means
