@@ -266,3 +266,13 @@ def test_bf16_mixed_training_learns_like_float32(tiny_setup, tmp_path: Path):
     print("first-5 and last-5 mean train/loss:", means)
     first, last = means["32-true"], means["bf16-mixed"]
     assert abs(last[1] - first[1]) <= 0.01 * first[1], means
+
+
+def test_rag_eval_precision_names():
+    from rag_models.errors import InputError
+    from training.evaluation.job import AUTOCAST_DTYPES, _precision
+
+    assert AUTOCAST_DTYPES[_precision("bf16-mixed")] is torch.bfloat16
+    assert AUTOCAST_DTYPES[_precision("32-true")] is None
+    with pytest.raises(InputError, match="trainer.precision"):
+        _precision("bf16")
