@@ -129,5 +129,19 @@ def test_junit_counts(gpu_check, tmp_path):
                    '<testcase classname="tests.test_gpu" name="test_b"><failure message="x"/></testcase>'
                    '<testcase classname="tests.test_gpu" name="test_c"><skipped/></testcase>'
                    '<testcase classname="tests.test_gpu" name="test_d"/></testsuite></testsuites>')
-    assert gpu_check.junit_counts(xml) == {"passed": 2, "failed": 1, "errors": 0, "skipped": 1,
-                                           "failed_tests": ["tests.test_gpu::test_b"]}
+    assert gpu_check.junit_counts(xml) == {"passed": 2, "failed": 1, "skipped": 1,
+                                           "failed_tests": ["tests.test_gpu::test_b"], "unimportable_modules": []}
+
+
+def test_junit_counts_of_a_real_run_with_an_unimportable_module(gpu_check, tmp_path):
+    """pytest itself: one module that imports a missing package, one passing and one skipped test."""
+    (tmp_path / "test_missing.py").write_text("import gpu_check_no_such_package\n")
+    (tmp_path / "test_fine.py").write_text("import pytest\n\ndef test_ok():\n    pass\n\n"
+                                           "@pytest.mark.skip(reason='no GPU')\ndef test_skip():\n    pass\n")
+    junit = tmp_path / "junit.xml"
+    out = gpu_check.run_command([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(tmp_path),
+                                 "--continue-on-collection-errors", f"--junitxml={junit}"], 120, gpu_check.child_env())
+    assert out.rc == 1, out.tail
+    counts = gpu_check.junit_counts(junit)
+    assert (counts["passed"], counts["failed"], counts["skipped"]) == (1, 0, 1), counts
+    assert len(counts["unimportable_modules"]) == 1 and "test_missing" in counts["unimportable_modules"][0]
