@@ -145,3 +145,13 @@ def test_junit_counts_of_a_real_run_with_an_unimportable_module(gpu_check, tmp_p
     counts = gpu_check.junit_counts(junit)
     assert (counts["passed"], counts["failed"], counts["skipped"]) == (1, 0, 1), counts
     assert len(counts["unimportable_modules"]) == 1 and "test_missing" in counts["unimportable_modules"][0]
+
+
+def test_a_python_without_torch_is_reported_not_raised(gpu_check, tmp_path):
+    fake = tmp_path / "python"
+    fake.write_text("#!/bin/sh\necho 'ModuleNotFoundError: No module named torch' >&2\nexit 1\n")
+    fake.chmod(0o755)
+    stage = gpu_check.env_stage(str(fake), gpu_check.child_env())
+    assert stage.status == "failed" and stage.data["torch"] is None and stage.data["cuda"] is False
+    assert "No module named torch" in stage.data["error"]
+    assert set(stage.data["to_install"]) == set(gpu_check.WHEEL_MODULES)  # nothing could be found either
