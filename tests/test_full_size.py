@@ -8,6 +8,9 @@
 - RAG-Sequence thorough decoding of 2 questions with n_docs=50 finishes (the path rag-eval runs).
 Each test prints its time and the process's peak resident memory; run them one at a time (each holds
 1.6 GB of BART-large weights, more with gradients):  pytest -s -m slow tests/test_full_size.py -k NAME
+Measured on 2 contended CPU cores (torch 2.13), each test in its own process: building and saving the
+checkpoints 69-124 s (3.14 GiB peak); loading 20 s (3.14 GiB); the training step 64 s (4.78 GiB; losses
+76.049156 both, RAG-Token 76.043640 vs 76.043648); thorough decoding with 50 docs 294 s (3.67 GiB).
 """
 from __future__ import annotations
 
