@@ -199,7 +199,7 @@ def decode_retrieved(questions: list[str], model: RagModel, retrieval: Retrieval
     q = retrieval.question_vectors  # (B, D)
     with eval_mode(model):
         ids, mask = model.build_generator_inputs(questions, docs)  # (B*K, L)
-        scores = model.doc_scores(q, docs.vectors.to(q.device, q.dtype))  # (B, K)
+        scores = model.doc_scores(q, docs.vectors.to(q.device))  # (B, K), float32 (rag_models/precision.py)
         result = STRATEGIES[settings.strategy](model.generator.model, ids.to(q.device), mask.to(q.device), scores,
                                                n_docs=k, **settings.search_kwargs())
     doc_ids = [[int(i) for i in row] for row in docs.ids.tolist()]

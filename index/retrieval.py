@@ -165,7 +165,7 @@ class Retriever:
         return len(self._index)
 
     def retrieve(self, question_vectors: torch.Tensor, k: int) -> RetrievedDocs:
-        """Top-``k`` passages for question vectors (B, D), returned on their device and dtype.
+        """Top-``k`` passages for question vectors (B, D), on their device, in their dtype or float32 if wider.
 
         The search runs without grad on a detached float32 CPU copy; the stored
         vectors come back exact so the model can recompute q·d with grad.
@@ -182,7 +182,8 @@ class Retriever:
         flat = ids.reshape(-1)  # (B*k,)
         titles, texts = index.passages.titles(flat), index.passages.texts(flat)
         names = _names(index.passages, flat, titles)
-        device, dtype = question_vectors.device, question_vectors.dtype
+        # At least float32: half-precision question vectors must not round the stored vectors q . d reads.
+        device, dtype = question_vectors.device, torch.promote_types(question_vectors.dtype, torch.float32)
         return RetrievedDocs(
             ids=torch.from_numpy(ids).to(device),
             scores=torch.from_numpy(scores).to(device, dtype),

@@ -118,7 +118,9 @@ class TorchIndex:
         """Exact top-k: scores (B, k) float32 and row ids (B, k) int64, best first."""
         queries = check_queries(queries, self.manifest.dim)  # (B, D)
         check_k(k, self.manifest.count)
-        with torch.no_grad():
+        # The index's own dtype decides the matmul: an enclosing autocast (a bf16-mixed training step searching
+        # an fp16 index) would otherwise round both sides to bf16 and reorder close passages.
+        with torch.no_grad(), torch.autocast(device_type=self.device.type, enabled=False):
             q = torch.from_numpy(queries).to(self.device, self.dtype)  # (B, D)
             best_scores = q.new_empty((q.shape[0], 0), dtype=torch.float32)  # (B, <=k)
             best_ids = torch.empty((q.shape[0], 0), dtype=torch.int64, device=self.device)

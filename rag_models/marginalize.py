@@ -33,6 +33,7 @@ import torch
 from torch import Tensor
 
 from rag_models.errors import InputError
+from rag_models.precision import upcast as _upcast
 
 
 def _check_shapes(seq_logits: Tensor, doc_scores: Tensor, target: Tensor) -> tuple[int, int, int, int]:
@@ -53,11 +54,6 @@ def _check_shapes(seq_logits: Tensor, doc_scores: Tensor, target: Tensor) -> tup
             fix="order generator rows question-major (row b*K+k) and give target the logits' length",
         )
     return b, k, t, v
-
-
-def _upcast(x: Tensor) -> Tensor:
-    """float16 / bfloat16 -> float32; float32 and float64 unchanged."""
-    return x.to(torch.promote_types(x.dtype, torch.float32))
 
 
 def _keep_mask(target: Tensor, pad_token_id: int, exclude_bos_score: bool, bos_token_id: int | None) -> Tensor:

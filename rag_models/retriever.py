@@ -13,7 +13,6 @@ from __future__ import annotations
 from collections.abc import Callable
 from pathlib import Path
 
-import torch
 from torch import Tensor, nn
 from transformers import BatchEncoding, PreTrainedModel, PreTrainedTokenizerBase
 
@@ -21,6 +20,7 @@ from rag_models.atomic import atomic_directory
 from rag_models.errors import InputError
 from rag_models.file_manifest import write_file_manifest
 from rag_models.loaders import load_encoder_checkpoint
+from rag_models.precision import full_precision_matmul, upcast
 from rag_models.text_limits import clip_all
 
 POOLING_KEY = "rag_pooling"  # stored in the encoder's config.json, so a saved encoder reloads as it was
@@ -44,7 +44,7 @@ def _pool_cls(outputs, attention_mask: Tensor) -> Tensor:
 
 def _pool_mean(outputs, attention_mask: Tensor) -> Tensor:
     """Mean of the last-layer states over real (non-pad) tokens (Contriever-style)."""
-    hidden = _last_hidden(outputs)  # (B, L, D)
+    hidden = upcast(_last_hidden(outputs))  # (B, L, D); a half sum over L tokens would round
     mask = attention_mask.unsqueeze(-1).to(hidden.dtype)  # (B, L, 1)
     return (hidden * mask).sum(1) / mask.sum(1).clamp(min=1.0)  # (B, D)
 
@@ -80,13 +80,14 @@ class DenseEncoder(nn.Module):
         setattr(model.config, POOLING_KEY, pooling)
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
-        """Encode token ids (B, L) with their mask (B, L) -> vectors (B, D).
+        """Encode token ids (B, L) with their mask (B, L) -> vectors (B, D), float32 (or float64) under autocast.
 
         No token_type_ids: all-zero segments, as DPR's own training code feeds passages.
         """
         outputs = self.model(input_ids=input_ids, attention_mask=attention_mask,
                              output_hidden_states=self._hidden_states, return_dict=True)
-        return self._pool(outputs, attention_mask)
+        # Half under autocast; q feeds q . d and the index search, which read float32.
+        return upcast(self._pool(outputs, attention_mask))  # (B, D)
 
     @property
     def dim(self) -> int:
@@ -128,7 +129,10 @@ def freeze(module: nn.Module) -> nn.Module:
 
 
 def doc_scores(question_vectors: Tensor, doc_vectors: Tensor) -> Tensor:
-    """Inner products q . d: (B, D) questions, (B, K, D) their docs -> (B, K), differentiable in both."""
+    """Inner products q . d: (B, D) questions, (B, K, D) their docs -> (B, K), differentiable in both.
+
+    Computed in float32 (float64 if either side is) even inside a half-precision autocast.
+    """
     if doc_vectors.dim() != 3 or question_vectors.dim() != 2 or doc_vectors.shape[::2] != question_vectors.shape:
         raise InputError(
             f"question vectors {tuple(question_vectors.shape)} and doc vectors {tuple(doc_vectors.shape)} "
@@ -136,8 +140,9 @@ def doc_scores(question_vectors: Tensor, doc_vectors: Tensor) -> Tensor:
             setting="retriever",
             fix="use an index built with this model's context encoder (same D)",
         )
-    docs = doc_vectors.to(question_vectors.dtype)  # index vectors are float32; q may be bf16
-    return torch.bmm(question_vectors.unsqueeze(1), docs.transpose(1, 2)).squeeze(1)  # (B, 1, D) x (B, D, K) -> (B, K)
+    # float32 whatever autocast says: these scores become log p(z|x) (rag_models/precision.py)
+    scores = full_precision_matmul(question_vectors.unsqueeze(1), doc_vectors.transpose(1, 2))  # (B, 1, K)
+    return scores.squeeze(1)  # (B, K)
 
 
 def tokenize_passages(tokenizer: PreTrainedTokenizerBase, titles: list[str], texts: list[str],

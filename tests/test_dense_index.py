@@ -179,6 +179,7 @@ def test_gpu_flag_without_gpu_says_what_to_do(tmp_path):
         DenseIndex.build(vectors, progress=False).to_gpu()
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU for the fp16 torch index")
 def test_torch_index_fp16_on_cuda_matches_top1():
     vectors, queries = _data(13)

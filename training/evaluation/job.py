@@ -5,6 +5,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+import torch
 from omegaconf import DictConfig
 
 from decoding.answer import DecodingSettings
@@ -35,6 +36,8 @@ class EvalJob:
         limit: the first N questions only (smoke runs); None = all.
         devices: processes, each answering a contiguous share of the questions.
         accelerator: "auto" (GPUs when present), "cpu" or "gpu".
+        precision: "32-true", or "bf16-mixed" / "16-mixed": encoders and generator under autocast, scores and
+            log-likelihoods still float32 (rag_models/precision.py); a key of `AUTOCAST_DTYPES`.
         report_examples: answered questions shown in report.md.
         progress: a progress bar over the questions (rank 0).
         verify: hash every file of the checkpoint and the index against their checksums.json (sizes are always
@@ -56,6 +59,7 @@ class EvalJob:
     limit: int | None = None
     devices: int = 1
     accelerator: str = "auto"
+    precision: str = "32-true"
     report_examples: int = 5
     progress: bool = True
     verify: bool = False
@@ -73,6 +77,19 @@ class EvalJob:
     def index_path(self) -> Path | None:
         """The index directory, or None (closed-book)."""
         return None if self.index.path is None else Path(self.index.path)
+
+
+# Lightning's precision names -> the autocast dtype rag-eval decodes under (None: no autocast)
+AUTOCAST_DTYPES: dict[str, torch.dtype | None] = {"32-true": None, "32": None, "bf16-mixed": torch.bfloat16,
+                                                  "16-mixed": torch.float16}
+
+
+def _precision(name: str) -> str:
+    """A precision name of `AUTOCAST_DTYPES`, or InputError naming trainer.precision."""
+    if name not in AUTOCAST_DTYPES:
+        raise InputError(f"unknown precision {name!r}", setting="trainer.precision",
+                         fix=f"use one of {sorted(AUTOCAST_DTYPES)}")
+    return name
 
 
 def _required(value: Any, setting: str, example: str) -> Any:
@@ -102,6 +119,7 @@ def job_from_config(cfg: DictConfig) -> EvalJob:
         limit=cfg.get("limit"),
         devices=int(trainer.get("devices", 1)),
         accelerator=str(trainer.get("accelerator", "auto")),
+        precision=_precision(str(trainer.get("precision", "32-true"))),
         report_examples=int(cfg.get("report_examples", 5)),
         progress=bool(cfg.get("progress", True)),
         verify=bool(cfg.get("verify", False)),

@@ -18,7 +18,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from rag_models.errors import InputError
-from training.evaluation.job import EvalJob, load_examples
+from training.evaluation.job import AUTOCAST_DTYPES, EvalJob, load_examples
 from training.evaluation.records import cut_questions, decode_share, load_parts
 from training.evaluation.report import metrics_from_records, write_outputs
 
@@ -62,7 +62,9 @@ def run_rank(job: EvalJob, rank: int = 0, world: int = 1, local_rank: int = 0) -
     sharded = world > 1 and job.index.sharded
     bounds = [share_bounds(len(examples), r, world) for r in range(world)]
     n_batches = max(-(-(e - s) // job.batch_size) for s, e in bounds) if sharded else None  # ceil, largest share
-    records = decode_share(examples[start:end], parts, job, rank=rank, n_batches=n_batches)
+    dtype = AUTOCAST_DTYPES[job.precision]
+    with torch.autocast(device_type=device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+        records = decode_share(examples[start:end], parts, job, rank=rank, n_batches=n_batches)
     if world > 1:
         shares: list[Any] = [None] * world
         dist.all_gather_object(shares, records)  # rank order = question order (contiguous shares)

@@ -35,6 +35,7 @@ from torch.optim import Optimizer
 
 from rag_models.atomic import atomic_directory
 from rag_models.errors import InputError
+from rag_models.precision import full_precision_matmul
 from rag_models.retriever import load_encoder, tokenize_passages
 from training.data.dpr_datamodule import passage_key
 from training.evaluation.answer_match import first_answer_rank
@@ -152,12 +153,12 @@ class DprLitModule(pl.LightningModule):
         q (B, D), p (P, D), keys (P,), positive_keys (B,). Other columns holding the same
         passage as question i's positive are masked (they are not negatives).
         """
-        scores = q @ p.T  # (B, P)
+        scores = full_precision_matmul(q, p.T)  # (B, P) float32 even under autocast: the loss's logits
         target = torch.arange(q.shape[0], device=q.device) + offset  # (B,)
         same = keys.unsqueeze(0) == positive_keys.unsqueeze(1)  # (B, P)
         same[torch.arange(q.shape[0], device=q.device), target] = False
         scores = scores.masked_fill(same, torch.finfo(scores.dtype).min)
-        loss = F.cross_entropy(scores.float(), target)
+        loss = F.cross_entropy(scores, target)
         accuracy = (scores.argmax(dim=1) == target).float().mean()
         return loss, accuracy
 
@@ -207,7 +208,7 @@ class DprLitModule(pl.LightningModule):
         hits = torch.zeros(len(ks) + 1, dtype=torch.float64, device=self.device)
         if self._dev_vectors:
             q = torch.cat(self._dev_vectors)  # (Q, D)
-            top = (q @ vectors.T).topk(max(ks), dim=1).indices  # (Q, kmax)
+            top = full_precision_matmul(q, vectors.T).topk(max(ks), dim=1).indices  # (Q, kmax)
             for row, (gold, answers) in enumerate(zip(self._dev_gold, self._dev_answers)):
                 first = self._first_hit(top[row], keys, corpus, gold, answers)
                 hits[:-1] += torch.tensor([first is not None and first < k for k in ks], dtype=torch.float64,
