@@ -13,6 +13,7 @@ here (training/evaluation/job.py); the processes run in training/evaluation/proc
 """
 from __future__ import annotations
 
+import os
 import sys
 from typing import Any
 
@@ -20,6 +21,7 @@ import hydra
 from omegaconf import DictConfig
 
 from rag_models.errors import InputError
+from rag_models.leftovers import sweep_stale
 from training.config import CONFIG_DIR
 from training.evaluation.job import EvalJob, check_job, job_from_config, load_examples
 from training.evaluation.processes import launch
@@ -37,6 +39,8 @@ def evaluate(job: DictConfig | EvalJob) -> dict[str, Any]:
         job = job_from_config(job)
     check_job(job)
     load_examples(job)  # a bad question file fails here, before any process or model starts
+    if int(os.environ.get("RANK", "0")) == 0:
+        sweep_stale(job.out_dir, command="rag-eval", recursive=False)  # files of a killed evaluation
     return launch(job)
 
 

@@ -19,12 +19,16 @@ from typing import Any
 import hydra
 import lightning.pytorch as pl
 from hydra.core.hydra_config import HydraConfig
+from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from rag_models.atomic import atomic_write_text
 from rag_models.errors import InputError
+from rag_models.leftovers import sweep_stale
+from rag_models.lifeline import tie_to_launcher
 from training.config import CONFIG_DIR, instantiate, instantiate_all
 from training.lit.checkpoint_io import safe_torch_load
+from training.lit.last_checkpoint import order_checkpoints
 
 EXPORTS = ("last", "best")
 log = logging.getLogger(__name__)
@@ -83,10 +87,12 @@ def train(cfg: DictConfig, *, extra_callbacks: list[pl.Callback] | None = None) 
     ``extra_callbacks`` join the configured ones (notebooks, fault-injection in tests).
     """
     run_dir = _check(cfg)
+    if rank_zero_only.rank == 0:  # checkpoints, exports, indexes of a killed run (never a live run's)
+        sweep_stale(run_dir, command="rag-train")
     pl.seed_everything(cfg.seed, workers=True)
     datamodule = instantiate(cfg.data)
     module = instantiate(cfg.module)
-    callbacks = instantiate_all(cfg.get("callbacks")) + list(extra_callbacks or [])
+    callbacks = order_checkpoints(instantiate_all(cfg.get("callbacks")) + list(extra_callbacks or []))
     loggers = instantiate_all(cfg.get("logger"))
     trainer: pl.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
     if trainer.is_global_zero:
@@ -120,6 +126,7 @@ def _has_test_data(datamodule: pl.LightningDataModule) -> bool:
 @hydra.main(config_path=str(CONFIG_DIR), config_name="train", version_base=None)
 def main(cfg: DictConfig) -> None:
     """Console entry point ``rag-train``; any Hydra override, e.g. ``experiment=demo trainer.max_steps=50``."""
+    tie_to_launcher()  # the DDP ranks Lightning starts die with this process, kill -9 included
     if cfg.paths.run_dir is None:
         with open_dict(cfg):
             cfg.paths.run_dir = HydraConfig.get().runtime.output_dir
