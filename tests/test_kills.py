@@ -222,7 +222,8 @@ def _check_build_leftovers(out: Path) -> None:
 
 
 BUILD_MOMENTS = [
-    pytest.param(Moment("passage store write", ".passages.tmp-*", stall=".passages.tmp-*"), marks=pytest.mark.slow),
+    # meta.json is the store's last file: the whole store is written, not yet renamed into place.
+    pytest.param(Moment("passage store write", "meta.json", stall=".passages.tmp-*"), marks=pytest.mark.slow),
     pytest.param(Moment("encode shard write (2nd shard)", ".shard_00001.npy.tmp-*", stall=".shard_00001.npy.tmp-*"),
                  marks=pytest.mark.slow),
     pytest.param(Moment("merge of the shards into vectors.npy", ".vectors.npy.tmp-*", stall=".vectors.npy.tmp-*"),
@@ -365,13 +366,15 @@ def _check_train_leftovers(run_dir: Path) -> None:
 
 
 TRAIN_MOMENTS = [
-    pytest.param(1, Moment("last.ckpt write (step 3)", ".last.ckpt.tmp-*", stall=".last.ckpt.tmp-*"),
+    pytest.param(1, Moment("last.ckpt write (step 3)", ".last.ckpt.tmp-*", min_bytes=1, stall=".last.ckpt.tmp-*"),
                  marks=pytest.mark.slow),
-    pytest.param(1, Moment("best.ckpt write (step 6, the final best)", ".best.ckpt.tmp-*", nth=2,
+    pytest.param(1, Moment("best.ckpt write (step 6, the final best)", ".best.ckpt.tmp-*", nth=2, min_bytes=1,
                            stall=".best.ckpt.tmp-*"), marks=pytest.mark.slow),
     pytest.param(1, Moment("mid-epoch, right after last.ckpt of step 3", "last.ckpt"), marks=pytest.mark.slow),
-    pytest.param(1, Moment("model export", ".model.tmp-*", stall=".model.tmp-*"), marks=pytest.mark.slow),
-    pytest.param(2, Moment("last.ckpt write, parent only", ".last.ckpt.tmp-*", stall=".last.ckpt.tmp-*",
+    # the generator's weights (the 2nd model.safetensors) are in the export's temporary directory
+    pytest.param(1, Moment("model export", "model.safetensors", nth=2, min_bytes=1, stall=".model.tmp-*"),
+                 marks=pytest.mark.slow),
+    pytest.param(2, Moment("last.ckpt write, parent only", ".last.ckpt.tmp-*", min_bytes=1, stall=".last.ckpt.tmp-*",
                            leader_only=True), marks=pytest.mark.slow),
 ]
 
