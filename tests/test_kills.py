@@ -3,7 +3,8 @@ of the run survives or writes after the kill, and the rerun removes the leftover
 result (vectors, index, passage store; weights and best checkpoint; predictions and metrics).
 
 Each kill runs the real command in its own process group under `kill_harness.kill_at`. The fast suite keeps
-the unit checks, one in-process best-checkpoint kill and one rag-eval kill; the others are slow
+the unit checks (sweep, a worker killed with its parent) and one in-process best-checkpoint kill; the real
+commands are killed in the slow part
 (``KILL_REPORT=kills.jsonl pytest -m slow tests/test_kills.py`` also writes one line of figures per kill).
 """
 from __future__ import annotations
@@ -296,7 +297,8 @@ def _eval_results(out: Path) -> tuple[str, dict]:
 EVAL_MOMENTS = [
     pytest.param(1, Moment("predictions write", ".predictions.jsonl.tmp-*", stall=".predictions.jsonl.tmp-*"),
                  marks=pytest.mark.slow),
-    pytest.param(1, Moment("metrics write", ".metrics.json.tmp-*", stall=".metrics.json.tmp-*")),  # fast: ~20 s
+    pytest.param(1, Moment("metrics write", ".metrics.json.tmp-*", stall=".metrics.json.tmp-*"),
+                 marks=pytest.mark.slow),  # 2 runs of rag-eval: 25-75 s on 2 busy cores
     # kill -9 of the parent alone: its 2 workers must die with it, before rank 0 publishes predictions.
     pytest.param(2, Moment("predictions write, parent only", ".predictions.jsonl.tmp-*",
                            stall=".predictions.jsonl.tmp-*", leader_only=True), marks=pytest.mark.slow),
