@@ -9,7 +9,7 @@
 into 100-word passages that keep their source file and page (index/documents.py).
 Either way it writes OUT/passages (the store), OUT/shards (encoding, resumable; removed at the
 end unless --keep-shards) and OUT/index (manifest, index.faiss, vectors.npy,
-pointing at ../passages). Re-running after a kill resumes the encoding; re-running
+pointing at ../passages). Re-running after a kill removes its temporaries and resumes the encoding; re-running
 after success with another --factory rebuilds only the faiss index. Under
 torchrun every rank encodes its shards and rank 0 builds the index. With
 --from-dataset SRC the passages come with their embeddings and nothing is
@@ -35,6 +35,8 @@ from index.encode import encode_corpus, load_shards, make_embed_fn, resolve_rank
 from index.manifest import IndexManifest, load_array, load_checked
 from index.passages import PassageStore, existing_store, source_fingerprint
 from rag_models.errors import InputError
+from rag_models.leftovers import sweep_stale
+from rag_models.lifeline import tie_to_launcher
 
 
 def _passage_store(passages: Path, out: Path, progress: bool) -> PassageStore:
@@ -109,6 +111,8 @@ def build_index(
     started, out, encoder = time.time(), Path(out), str(encoder)
     index_dir = out / "index"
     rank, world = resolve_rank(None, None)
+    if rank == 0:  # passage store, shards, index of a killed build (never a live build's)
+        sweep_stale(out, command="rag-build-index")
     store = None
     if rank == 0 and documents:
         store = _documents_store(documents, out / "passages", progress)
@@ -194,6 +198,7 @@ def _init_distributed(device: str | None) -> str:
     """Join the torchrun process group when launched with WORLD_SIZE > 1; returns this rank's device."""
     cuda = torch.cuda.is_available()
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
+        tie_to_launcher()  # each rank dies with torchrun's agent
         dist.init_process_group("nccl" if cuda else "gloo")
         if cuda and device is None:
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))

@@ -4,7 +4,9 @@ Every artefact a run produces (passage stores, shards, indexes, checkpoints,
 predictions, results) goes through these helpers: the bytes are written under a
 temporary name in the *same* directory, fsynced, and renamed onto the final
 name. A run killed at any point leaves either the old complete artefact or none,
-never a half-written one under the real name.
+never a half-written one under the real name. Every temporary name carries the
+writer's PID, so that a later run can tell a killed writer's leftovers from a live
+one's (rag_models/leftovers.py removes the former).
 """
 from __future__ import annotations
 
@@ -21,6 +23,7 @@ from typing import IO, Iterator
 import numpy as np
 
 from rag_models.errors import InputError
+from rag_models.leftovers import TEMP_PATTERN, remove_stale, stale_temporaries
 
 
 def _temp_name(path: Path) -> Path:
@@ -83,13 +86,10 @@ def atomic_directory(target: str | Path, *, overwrite: bool = True) -> Iterator[
     """
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
-    leftovers = sorted(target.parent.glob(f".{target.name}.tmp-*"))
-    if leftovers:  # not deleted here: another process may be writing one right now
-        warnings.warn(f"temporary directories of killed writes of {target} remain (safe to delete once no "
-                      f"other write runs): {', '.join(p.name for p in leftovers)}", stacklevel=3)
+    _remove_dead_writers(target)
     if target.exists() and not overwrite:
         raise InputError("already exists", path=target, fix="Choose another output directory or delete this one")
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-{os.getpid()}-", dir=target.parent))
     try:
         yield tmp
         _sync_directory(tmp)
@@ -99,13 +99,22 @@ def atomic_directory(target: str | Path, *, overwrite: bool = True) -> Iterator[
             shutil.rmtree(tmp, ignore_errors=True)
 
 
+def _remove_dead_writers(target: Path) -> None:
+    """Remove the temporaries of ``target`` left by killed writers (a live writer's stay), with a warning."""
+    mine = [p for p in stale_temporaries(target.parent)
+            if (match := TEMP_PATTERN.match(p.name)) is not None and match["name"] == target.name]
+    sweep = remove_stale(mine)
+    if sweep.removed or sweep.restored:
+        warnings.warn(sweep.summary(target.parent), stacklevel=4)
+
+
 def publish_directory(tmp: Path, target: Path) -> None:
     """Rename the finished ``tmp`` onto ``target``, moving an existing ``target`` aside first."""
     old = None
     if target.exists():
         # rename() cannot replace a non-empty directory; the old one is moved aside
         # (it stays recoverable under .NAME.old-* if we die between the two renames).
-        old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
+        old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-{os.getpid()}-", dir=target.parent))
         os.rmdir(old)
         os.replace(target, old)
     os.replace(tmp, target)

@@ -13,6 +13,7 @@ here (training/evaluation/job.py); the processes run in training/evaluation/proc
 """
 from __future__ import annotations
 
+import os
 import sys
 from typing import Any
 
@@ -21,6 +22,7 @@ from omegaconf import DictConfig
 
 from rag_models.errors import InputError
 from rag_models.file_manifest import request_verify
+from rag_models.leftovers import sweep_stale
 from training.config import CONFIG_DIR
 from training.evaluation.job import EvalJob, check_job, job_from_config, load_examples
 from training.evaluation.processes import launch
@@ -39,6 +41,8 @@ def evaluate(job: DictConfig | EvalJob) -> dict[str, Any]:
     check_job(job)
     request_verify(job.verify)  # the processes started below inherit it
     load_examples(job)  # a bad question file fails here, before any process or model starts
+    if int(os.environ.get("RANK", "0")) == 0:
+        sweep_stale(job.out_dir, command="rag-eval", recursive=False)  # files of a killed evaluation
     return launch(job)
 
 

@@ -3,6 +3,8 @@
 Each process answers a contiguous share of the questions with its own retriever
 (a replica, or its slice of a sharded index) and rank 0 gathers the records in
 question order, scores them and writes the files: the same files as one process.
+Spawned processes die with the parent (rag_models/lifeline.py): after a ``kill -9``
+of the run no worker goes on to write predictions or metrics.
 """
 from __future__ import annotations
 
@@ -18,6 +20,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from rag_models.errors import InputError
+from rag_models.lifeline import die_with_parent, tie_to_launcher
 from training.evaluation.job import AUTOCAST_DTYPES, EvalJob, load_examples
 from training.evaluation.records import cut_questions, decode_share, load_parts
 from training.evaluation.report import metrics_from_records, write_outputs
@@ -89,8 +92,12 @@ def _backend(job: EvalJob) -> str:
     return "nccl" if uses_gpu(job.accelerator) else "gloo"
 
 
-def _spawned_rank(rank: int, job: EvalJob, port: int, errors: Any) -> None:
-    """Body of one spawned process: join the group, evaluate its share, report an InputError to the parent."""
+def _spawned_rank(rank: int, job: EvalJob, port: int, errors: Any, parent_pid: int) -> None:
+    """Body of one spawned process: join the group, evaluate its share, report an InputError to the parent.
+
+    It dies with ``parent_pid`` (the process that spawned it), SIGKILL included.
+    """
+    die_with_parent(parent_pid)
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // job.devices))  # the ranks share the cores
     try:
         dist.init_process_group(_backend(job), init_method=f"tcp://127.0.0.1:{port}", rank=rank,
@@ -109,8 +116,8 @@ def _spawn(job: EvalJob) -> dict[str, Any]:
     context = mp.get_context("spawn")
     errors = context.SimpleQueue()
     try:
-        mp.start_processes(_spawned_rank, args=(job, _free_port(), errors), nprocs=job.devices, join=True,
-                           start_method="spawn")
+        mp.start_processes(_spawned_rank, args=(job, _free_port(), errors, os.getpid()), nprocs=job.devices,
+                           join=True, start_method="spawn")
     except mp.ProcessExitedException:
         if not errors.empty():
             raise InputError(errors.get()) from None
@@ -122,6 +129,7 @@ def launch(job: EvalJob) -> dict[str, Any]:
     """One process, N spawned ones, or this process as one rank of torchrun (WORLD_SIZE in the environment)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world > 1:  # under torchrun: the launcher made the processes, we only join the group
+        tie_to_launcher()  # each rank dies with torchrun's agent
         if not dist.is_initialized():
             dist.init_process_group(_backend(job))
         metrics = run_rank(job, dist.get_rank(), world, local_rank=int(os.environ.get("LOCAL_RANK", "0")))

@@ -19,13 +19,17 @@ from typing import Any
 import hydra
 import lightning.pytorch as pl
 from hydra.core.hydra_config import HydraConfig
+from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from rag_models.atomic import atomic_write_text
 from rag_models.errors import InputError
 from rag_models.file_manifest import request_verify
+from rag_models.leftovers import sweep_stale
+from rag_models.lifeline import tie_to_launcher
 from training.config import CONFIG_DIR, instantiate, instantiate_all
 from training.lit.checkpoint_io import safe_torch_load
+from training.lit.last_checkpoint import order_checkpoints
 
 EXPORTS = ("last", "best")
 log = logging.getLogger(__name__)
@@ -85,10 +89,12 @@ def train(cfg: DictConfig, *, extra_callbacks: list[pl.Callback] | None = None) 
     """
     run_dir = _check(cfg)
     request_verify(bool(cfg.get("verify", False)))  # hash every file loaded (init_from, index, checkpoints)
+    if rank_zero_only.rank == 0:  # checkpoints, exports, indexes of a killed run (never a live run's)
+        sweep_stale(run_dir, command="rag-train")
     pl.seed_everything(cfg.seed, workers=True)
     datamodule = instantiate(cfg.data)
     module = instantiate(cfg.module)
-    callbacks = instantiate_all(cfg.get("callbacks")) + list(extra_callbacks or [])
+    callbacks = order_checkpoints(instantiate_all(cfg.get("callbacks")) + list(extra_callbacks or []))
     loggers = instantiate_all(cfg.get("logger"))
     trainer: pl.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
     if trainer.is_global_zero:
@@ -122,6 +128,7 @@ def _has_test_data(datamodule: pl.LightningDataModule) -> bool:
 @hydra.main(config_path=str(CONFIG_DIR), config_name="train", version_base=None)
 def main(cfg: DictConfig) -> None:
     """Console entry point ``rag-train``; any Hydra override, e.g. ``experiment=demo trainer.max_steps=50``."""
+    tie_to_launcher()  # the DDP ranks Lightning starts die with this process, kill -9 included
     if cfg.paths.run_dir is None:
         with open_dict(cfg):
             cfg.paths.run_dir = HydraConfig.get().runtime.output_dir
