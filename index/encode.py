@@ -141,6 +141,7 @@ def encode_corpus(
               unit_scale=True, disable=not progress) as bar:
         for number, start, end in todo:
             publish_shard(out_dir, number, start, _encode_shard(store, embed, start, end, batch_size, bar))
+            store.release_pages()  # the texts read so far leave this process's RSS (flat whatever N)
     return [shard_path(out_dir, n) for n, _, _ in mine]
 
 
