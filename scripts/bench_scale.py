@@ -78,6 +78,15 @@ def write_encoder(out: Path, passages: Path) -> Path:
     return out
 
 
+def _proc_cpu(pid: int) -> float | None:
+    """User + system CPU seconds of a process from /proc (contention-proof, unlike wall time), None if gone."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (FileNotFoundError, ProcessLookupError):
+        return None
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime, stime (fields 14, 15)
+
+
 def _proc_memory(pid: int) -> tuple[int, int, int] | None:
     """(VmRSS, RssAnon, RssFile) in bytes from /proc, None once the process is gone."""
     try:
@@ -97,8 +106,10 @@ class StageLog:
         self.stage, self.order = "start", ["start"]
         self.started = {"start": time.time()}
         self.peak: dict[str, list[int]] = {"start": [0, 0, 0]}
+        self.cpu: dict[str, list[float]] = {"start": [0.0, 0.0]}  # CPU seconds at a stage's first and last sample
         self.lock = threading.Lock()
         self.lines: list[str] = []
+        self.echoed = time.time()
 
     def read(self, stream) -> None:
         """Follow the child's stderr (tqdm redraws with carriage returns) and switch stages on markers."""
@@ -110,6 +121,10 @@ class StageLog:
             line, buffer = buffer.strip(), ""
             if line and (not self.lines or self.lines[-1] != line):
                 self.lines = self.lines[-200:] + [line]
+            if line and time.time() - self.echoed > 60:  # a long run shows where it is, once a minute
+                self.echoed = time.time()
+                peak = ", ".join(f"{value / MB:.0f}" for value in self.peak[self.stage])
+                print(f"  [{self.stage}] {line[:100]} | peak RSS, anon, file MB: {peak}", flush=True)
             for marker, stage in STAGE_MARKERS:
                 if line.startswith(marker) and stage not in self.started:
                     with self.lock:
@@ -118,17 +133,20 @@ class StageLog:
                         self.order.append(stage)
                         self.started[stage] = time.time()
                         self.peak[stage] = [0, 0, 0]
+                        self.cpu[stage] = [self.cpu[self.order[-2]][1]] * 2
 
     def report(self, stage: str) -> None:
         """Print a finished stage's seconds and peaks (MB)."""
         rss, anon, file = (value / MB for value in self.peak[stage])
-        print(f"stage {stage}: {time.time() - self.started[stage]:.1f} s, peak RSS {rss:.0f} MB "
+        cpu = self.cpu[stage][1] - self.cpu[stage][0]
+        print(f"stage {stage}: {time.time() - self.started[stage]:.1f} s ({cpu:.1f} CPU s), peak RSS {rss:.0f} MB "
               f"(anon {anon:.0f}, file-backed {file:.0f})", flush=True)
 
-    def sample(self, memory: tuple[int, int, int]) -> None:
-        """Add one memory sample to the current stage's peaks."""
+    def sample(self, memory: tuple[int, int, int], cpu: float) -> None:
+        """Add one memory sample to the current stage's peaks, and its CPU seconds so far."""
         with self.lock:
             self.peak[self.stage] = [max(old, new) for old, new in zip(self.peak[self.stage], memory)]
+            self.cpu[self.stage][1] = cpu
 
 
 def run_build(tsv: Path, encoder: Path, out: Path, *, factory: str, train_sample: int, max_length: int,
@@ -147,9 +165,9 @@ def run_build(tsv: Path, encoder: Path, out: Path, *, factory: str, train_sample
     reader = threading.Thread(target=log.read, args=(child.stderr,), daemon=True)
     reader.start()
     while child.poll() is None:
-        memory = _proc_memory(child.pid)
-        if memory is not None:
-            log.sample(memory)
+        memory, cpu = _proc_memory(child.pid), _proc_cpu(child.pid)
+        if memory is not None and cpu is not None:
+            log.sample(memory, cpu)
         time.sleep(0.2)
     reader.join(timeout=5)
     seconds = time.time() - started
@@ -172,12 +190,51 @@ def stage_rows(log: StageLog, end: float, size: str) -> list[dict]:
     ends = [log.started[stage] for stage in stages[1:]] + [log.started.get("done", end)]
     for stage, stage_end in zip(stages, ends):
         rss, anon, file = log.peak[stage]
+        cpu = log.cpu[stage][1] - log.cpu[stage][0]
         for measure, value, unit in ((f"{stage} time", stage_end - log.started[stage], "s"),
+                                     (f"{stage} CPU time", cpu, "s"),
                                      (f"{stage} peak RSS", rss / MB, "MB"), (f"{stage} peak anon", anon / MB, "MB"),
                                      (f"{stage} peak file-backed", file / MB, "MB")):
             rows.append({"measure": measure, "size": size, "ours": round(value, 2), "peer": None, "peer_name": None,
                          "unit": unit, "ratio": None, "target": None, "met": None})
     return rows
+
+
+def factory_rates(count: int, factories: list[str], train_sample: int, dim: int = 768) -> list[dict]:
+    """Train and add CPU seconds of each faiss factory on ``count`` random (count, dim) vectors, in this process.
+
+    The build of every factory but Flat costs more than copying the vectors: these rates, times N, give its
+    build time at another N (IVF: train once on the sample, then assign every vector; HNSW: N log N inserts).
+    """
+    import faiss
+
+    vectors = np.random.default_rng(0).standard_normal((count, dim), dtype=np.float32)  # (M, D)
+    rows = []
+    for factory in factories:
+        index = faiss.index_factory(dim, factory, faiss.METRIC_INNER_PRODUCT)
+        started = time.process_time()  # CPU seconds of this process: what shared cores do not inflate
+        if not index.is_trained:
+            index.train(vectors[:train_sample])
+        trained = time.process_time()
+        index.add(vectors)
+        added = time.process_time()
+        print(f"{factory}: train {trained - started:.1f} CPU s on {min(count, train_sample):,}, "
+              f"add {added - trained:.1f} CPU s for {count:,} ({count / max(added - trained, 1e-9):,.0f} per CPU s)",
+              flush=True)
+        for measure, value, unit in ((f"{factory} train", trained - started, "CPU s"),
+                                     (f"{factory} add rate", count / max(added - trained, 1e-9), "vectors/CPU s")):
+            rows.append({"measure": measure, "size": f"n={count}", "ours": round(value, 2), "peer": None,
+                         "peer_name": None, "unit": unit, "ratio": None, "target": None, "met": None})
+    return rows
+
+
+def _write_json(path: str | None, rows: list[dict]) -> None:
+    """The benchmark contract's JSON report at ``path`` (nothing when None)."""
+    if path:
+        report = {"script": "scripts/bench_scale.py", "command": " ".join([Path(sys.executable).name, *sys.argv]),
+                  "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, no GPU",
+                  "rows": rows}
+        Path(path).write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
 
 
 def main() -> None:
@@ -191,8 +248,15 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1, help="OpenMP / torch threads of the build")
     parser.add_argument("--work-dir", default=None, help="scratch directory (default: runs/bench_scale-N)")
     parser.add_argument("--keep", action="store_true", help="keep the work directory")
+    parser.add_argument("--factory-rates", type=int, default=0, metavar="M",
+                        help="instead: train / add time of Flat, HNSW32, IVF-PQ on M random 768-d vectors")
     parser.add_argument("--json", default=None, help="write the results here (bench contract)")
     args = parser.parse_args()
+    if args.factory_rates:
+        rows = factory_rates(args.factory_rates, ["Flat", "HNSW32", "IVF1024,PQ64", "IVF1024,PQ64x4fs"],
+                             args.train_sample)
+        _write_json(args.json, rows)
+        return
     n = args.n or SIZES[args.size]
     size = args.size if args.n is None else f"n={n}"
     work = Path(args.work_dir or REPO_ROOT / "runs" / f"bench_scale-{n}")
@@ -211,7 +275,7 @@ def main() -> None:
     log, seconds, max_rss = run_build(tsv, encoder, out, factory=args.factory, train_sample=args.train_sample,
                                       max_length=args.max_length, batch_size=args.batch_size, shard_size=shard_size,
                                       threads=args.threads)
-    rows = stage_rows(log, started + seconds, size)
+    rows = stage_rows(log, log.started["start"] + seconds, size)
     disk = {"passage store": _disk(out / "passages"), "vectors.npy": _disk(out / "index" / "vectors.npy"),
             "index.faiss": _disk(out / "index" / "index.faiss")}
     for measure, value, unit in ((f"total time (N={n})", seconds, "s"), ("peak RSS (ru_maxrss)", max_rss / MB, "MB"),
@@ -221,11 +285,7 @@ def main() -> None:
     print(f"\n{'measure':<34}{'value':>12}  unit   (N={n:,}, {args.factory}, D={ENCODER.projection_dim})")
     for row in rows:
         print(f"{row['measure']:<34}{row['ours']:>12,.1f}  {row['unit']}")
-    if args.json:
-        report = {"script": "scripts/bench_scale.py", "command": " ".join([Path(sys.executable).name, *sys.argv]),
-                  "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, no GPU",
-                  "rows": rows}
-        Path(args.json).write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+    _write_json(args.json, rows)
     if not args.keep:
         shutil.rmtree(work, ignore_errors=True)
 
