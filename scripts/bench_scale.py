@@ -117,6 +117,8 @@ class StageLog:
         while chunk := stream.read(1):
             if chunk not in "\r\n":
                 buffer += chunk
+                if len(buffer) == 20:  # a bar's first draw ends without \r: switch stages on its start
+                    self._switch(buffer.strip())
                 continue
             line, buffer = buffer.strip(), ""
             if line and (not self.lines or self.lines[-1] != line):
@@ -125,15 +127,19 @@ class StageLog:
                 self.echoed = time.time()
                 peak = ", ".join(f"{value / MB:.0f}" for value in self.peak[self.stage])
                 print(f"  [{self.stage}] {line[:100]} | peak RSS, anon, file MB: {peak}", flush=True)
-            for marker, stage in STAGE_MARKERS:
-                if line.startswith(marker) and stage not in self.started:
-                    with self.lock:
-                        self.report(self.stage)  # as it ends: a run killed later still leaves what it measured
-                        self.stage = stage
-                        self.order.append(stage)
-                        self.started[stage] = time.time()
-                        self.peak[stage] = [0, 0, 0]
-                        self.cpu[stage] = [self.cpu[self.order[-2]][1]] * 2
+            self._switch(line)
+
+    def _switch(self, line: str) -> None:
+        """Start the stage whose marker begins ``line`` (once per stage); print the one that ends."""
+        for marker, stage in STAGE_MARKERS:
+            if line.startswith(marker) and stage not in self.started:
+                with self.lock:
+                    self.report(self.stage)  # as it ends: a run killed later still leaves what it measured
+                    self.stage = stage
+                    self.order.append(stage)
+                    self.started[stage] = time.time()
+                    self.peak[stage] = [0, 0, 0]
+                    self.cpu[stage] = [self.cpu[self.order[-2]][1]] * 2
 
     def report(self, stage: str) -> None:
         """Print a finished stage's seconds and peaks (MB)."""
