@@ -1,6 +1,6 @@
 """Benchmark `rag-build-index` end to end on N synthetic passages: peak memory and time of every stage.
 
-    python scripts/bench_scale.py --n 2000000 --factory IVF1024,PQ64 --work-dir runs/bench_scale --json scale.json
+    python scripts/bench_scale.py --n 2000000 --factory IVF1024,PQ64x4fs --work-dir runs/bench_scale --json scale.json
     python scripts/bench_scale.py --size tiny --json scale.json        # tiny 20k, mid 200k, large 2M
 
 It writes N passages of 100 words (DPR's TSV: id, text, title; ids 1..N) and a tiny random-init DPR
@@ -247,8 +247,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--size", choices=sorted(SIZES), default="tiny", help="N: tiny 20k, mid 200k, large 2M")
     parser.add_argument("--n", type=int, default=None, help="passages (overrides --size)")
-    parser.add_argument("--factory", default="IVF1024,PQ64", help="faiss factory or 'exact'")
-    parser.add_argument("--train-sample", type=int, default=100_000, help="IVF / PQ training vectors")
+    parser.add_argument("--factory", default=None, help="faiss factory or 'exact' (default: IVF256,PQ64x4fs "
+                        "below 100,000 passages, else IVF1024,PQ64x4fs: 4-bit PQ trains in seconds)")
+    parser.add_argument("--train-sample", type=int, default=50_000, help="IVF / PQ training vectors")
     parser.add_argument("--max-length", type=int, default=32, help="encoder token limit")
     parser.add_argument("--batch-size", type=int, default=512, help="passages per encoder forward")
     parser.add_argument("--threads", type=int, default=1, help="OpenMP / torch threads of the build")
@@ -264,6 +265,7 @@ def main() -> None:
         _write_json(args.json, rows)
         return
     n = args.n or SIZES[args.size]
+    args.factory = args.factory or ("IVF256,PQ64x4fs" if n < 100_000 else "IVF1024,PQ64x4fs")
     size = args.size if args.n is None else f"n={n}"
     work = Path(args.work_dir or REPO_ROOT / "runs" / f"bench_scale-{n}")
     work.mkdir(parents=True, exist_ok=True)
