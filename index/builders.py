@@ -6,6 +6,7 @@ file (`build_cli.build_index`) or imported with a dataset (`dataset_import`).
 from __future__ import annotations
 
 import shutil
+import sys
 import time
 from pathlib import Path
 
@@ -85,6 +86,8 @@ def build_and_save(vectors: np.ndarray, out: Path, *, factory: str, encoder: str
     """`build_from_vectors`, saved as ``out/index`` pointing at the store ``out/passages``."""
     index = build_from_vectors(vectors, factory=factory, encoder=encoder, passages=passages,
                                train_sample=train_sample, progress=progress)
+    if progress:
+        print(f"write {out / 'index'}", file=sys.stderr, flush=True)
     index.save(out / "index", passages_path=out / "passages")
 
 

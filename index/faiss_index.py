@@ -7,6 +7,7 @@ them, so gradients and scores never inherit PQ's approximation.
 """
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import faiss
@@ -86,6 +87,8 @@ class DenseIndex:
         index = _make_faiss_index(dim, factory, custom_ids=ids is not None)
         if ef_construction is not None:
             faiss.ParameterSpace().set_index_parameter(index, "efConstruction", ef_construction)
+        if progress and not index.is_trained:  # minutes at 21M without a bar: say what is running
+            print(f"train {factory} on {min(count, train_sample):,} vectors", file=sys.stderr, flush=True)
         _train(index, vectors, train_sample, seed, factory)
         for start in tqdm(range(0, count, _ADD_CHUNK), desc=f"add to {factory}", unit=" chunk", disable=not progress):
             chunk = read_rows(vectors, slice(start, start + _ADD_CHUNK))  # (c, D)

@@ -32,6 +32,8 @@ class TinyDprSize:
         max_positions: the most tokens an encoder input may have (its position embeddings).
         vocab_size: the WordPiece vocabulary size to train for; the model takes the trained tokenizer's
             actual size, which may differ (a tiny corpus runs out of merges).
+        projection_dim: DPR's projection of the pooled vector; D when positive (0: none, D = hidden_size).
+            A narrow encoder with ``projection_dim=768`` gives vectors of the real size at a tiny cost.
     """
 
     hidden_size: int = 64
@@ -40,6 +42,7 @@ class TinyDprSize:
     intermediate_size: int = 128
     max_positions: int = 256
     vocab_size: int = 1000
+    projection_dim: int = 0
 
 
 @dataclass(frozen=True)
@@ -97,6 +100,7 @@ def tiny_dpr_encoder(role: str, vocab_size: int, size: TinyDprSize, seed: int) -
         num_attention_heads=size.num_heads,
         intermediate_size=size.intermediate_size,
         max_position_embeddings=size.max_positions,
+        projection_dim=size.projection_dim,
     )
     torch.manual_seed(seed)
     return DPR_CLASSES[role](config).eval()

@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import json
+import mmap
+import os
 
 import numpy as np
 import pytest
@@ -159,3 +161,25 @@ def test_sources_round_trip_outside_the_checksum(tmp_path):
     assert plain.checksum == store.checksum
     reopened = PassageStore.open(tmp_path / "s")
     assert reopened.sources([19]) == ["notes/ré 19.pdf#page=19"]
+
+
+def _rss_file_bytes() -> int:
+    """This process's resident pages of mapped files (Linux /proc), in bytes."""
+    status = open("/proc/self/status", encoding="ascii").read()
+    return int(status.split("RssFile:")[1].split()[0]) * 1024
+
+
+@pytest.mark.skipif(not hasattr(mmap, "MADV_DONTNEED") or not os.path.exists("/proc/self/status"),
+                    reason="needs Linux: madvise(MADV_DONTNEED) and /proc/self/status")
+def test_release_pages_gives_back_what_a_full_read_mapped(tmp_path):
+    # Encoding reads every text once; before release_pages its RSS grew by the size of texts.bin (13 GB at 21M).
+    corpus = [Passage(id=str(i + 1), title=f"t{i}", text=f"{i} " + "w" * 8000) for i in range(2500)]  # 20 MB
+    store = PassageStore.from_passages(corpus, tmp_path / "store", progress=False)
+    before = _rss_file_bytes()
+    texts = [text for first in range(0, len(store), 500) for text in store.texts(np.arange(first, first + 500))]
+    mapped = _rss_file_bytes() - before
+    store.release_pages()
+    released = _rss_file_bytes() - before
+    assert mapped > 15 * 2**20, f"reading 20 MB of texts mapped only {mapped / 2**20:.1f} MB"
+    assert released < 2 * 2**20, f"{released / 2**20:.1f} MB still resident after release_pages"
+    assert texts[1234] == corpus[1234].text and store.texts([1234])[0] == corpus[1234].text  # still readable
