@@ -85,19 +85,25 @@ def shard_done(out_dir: Path, number: int, start: int, end: int) -> bool:
 
 
 def _encode_shard(store: PassageStore, embed: EmbedFn, start: int, end: int, batch_size: int, bar: tqdm) -> np.ndarray:
-    """Vectors of rows [start, end), batch by batch."""
-    pieces = []
+    """Vectors of rows [start, end), batch by batch, written into one (end - start, D) array.
+
+    Filled in place (allocated once D is known): a list of batches concatenated at the end would hold the
+    shard twice at its peak.
+    """
+    shard = None  # (end - start, D) float32
     for first in range(start, end, batch_size):
         rows = np.arange(first, min(end, first + batch_size))  # (b,)
         vectors = np.asarray(embed(store.titles(rows), store.texts(rows)), dtype=np.float32)  # (b, D)
         if vectors.ndim != 2 or vectors.shape[0] != len(rows):
             raise InputError(f"the embedding function returned shape {vectors.shape} for {len(rows)} passages",
                              setting="encoder", fix="It must return one vector per passage, shape (N, D)")
-        if pieces and vectors.shape[1] != pieces[0].shape[1]:
+        if shard is None:
+            shard = np.empty((end - start, vectors.shape[1]), dtype=np.float32)
+        elif vectors.shape[1] != shard.shape[1]:
             raise InputError("the embedding function changed dimension between batches", setting="encoder")
-        pieces.append(vectors)
+        shard[first - start:first - start + len(rows)] = vectors  # a copy: no batch output outlives its batch
         bar.update(len(rows))
-    return np.concatenate(pieces)  # (end - start, D)
+    return shard
 
 
 def publish_shard(out_dir: Path, number: int, start: int, vectors: np.ndarray) -> Path:
@@ -141,6 +147,7 @@ def encode_corpus(
               unit_scale=True, disable=not progress) as bar:
         for number, start, end in todo:
             publish_shard(out_dir, number, start, _encode_shard(store, embed, start, end, batch_size, bar))
+            store.release_pages()  # RSS: one shard's passages at a time, not the whole store
     return [shard_path(out_dir, n) for n, _, _ in mine]
 
 
