@@ -68,7 +68,8 @@ def time_to_first_answer(demo: Path, questions: Path, out_dir: Path) -> float:
         while True:
             chunk = os.read(child.stderr.fileno(), 65536)
             if not chunk:
-                raise RuntimeError(f"rag-eval ended before answering a question:\n{seen[-2000:].decode(errors='replace')}")
+                tail = seen[-2000:].decode(errors="replace")
+                raise RuntimeError(f"rag-eval ended before answering a question:\n{tail}")
             seen += chunk
             if FIRST_ANSWER.search(seen):
                 return time.perf_counter() - started

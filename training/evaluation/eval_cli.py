@@ -36,8 +36,8 @@ def evaluate(job: DictConfig | EvalJob) -> dict[str, Any]:
     if isinstance(job, DictConfig):
         job = job_from_config(job)
     check_job(job)
-    load_examples(job)  # a bad question file fails here, before any process or model starts
-    return launch(job)
+    examples = load_examples(job)  # a bad question file fails here, before any process or model starts
+    return launch(job, examples)  # one process, or torchrun's ranks, reuse them: no second pass over the file
 
 
 def summary_line(metrics: dict[str, Any]) -> str:
