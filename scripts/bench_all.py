@@ -4,6 +4,7 @@
     python scripts/bench_all.py --size mid          # larger shapes, still CPU
     python scripts/bench_all.py --size large        # the paper's shapes: for a GPU machine
     python scripts/bench_all.py --only index startup --markdown
+    python scripts/bench_all.py --table-from runs/bench/<time>-tiny/summary.json --markdown
 
 Each benchmark is run as ``python scripts/bench_NAME.py --size SIZE --json runs/bench/<time>/NAME.json``
 (the contract in scripts/bench_contract.py) in its own process, one after the other, and its output is
@@ -102,7 +103,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, default=REPO_ROOT / "runs" / "bench", help="parent of the run directory")
     parser.add_argument("--timeout", type=float, default=900, help="seconds one benchmark may run")
     parser.add_argument("--markdown", action="store_true", help="print the table as Markdown (for the README)")
+    parser.add_argument("--table-from", type=Path, metavar="SUMMARY", help="print the table of an earlier "
+                        "run's summary.json (e.g. as Markdown for the README) instead of running anything")
     args = parser.parse_args(argv)
+    if args.table_from is not None:
+        summary = json.loads(args.table_from.read_text(encoding="utf-8"))
+        print(f"{summary['size']} size on {summary['machine']}; {summary['seconds']:.0f} s in all\n")
+        print(table(summary["results"], args.markdown))
+        return
     out_dir = args.out.resolve() / f"{time.strftime('%Y%m%d-%H%M%S')}-{args.size}"
     out_dir.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()

@@ -91,10 +91,11 @@ def _memory(process: psutil.Process, with_uss: bool) -> tuple[int, int, int]:
     return rss, anon, uss
 
 
-def run_import(source: Path, out: Path, factory: str, train_sample: int) -> dict:
+def run_import(source: Path, out: Path, factory: str, train_sample: int, shard_size: int | None = None) -> dict:
     """Run the import in a child process; its peak memory (RSS, anon, USS) and wall time."""
     command = [sys.executable, str(REPO_ROOT / "scripts" / "build_index.py"), "--from-dataset", str(source),
                "--out", str(out), "--factory", factory, "--train-sample", str(train_sample), "--no-progress"]
+    command += [] if shard_size is None else ["--shard-size", str(shard_size)]
     started = time.time()
     child = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     process, peak, samples = psutil.Process(child.pid), [0, 0, 0], 0
@@ -123,11 +124,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--format", choices=["parquet", "arrow"], default="parquet",
                         help="source files: parquet, or Arrow IPC streams as Dataset.save_to_disk writes them")
     parser.add_argument("--scratch", default=None, help="parent of the scratch directory (default: the temp dir)")
+    parser.add_argument("--shard-size", type=int, help="rows per shard (default: rag-build-index's 100,000)")
     add_contract_args(parser)
     parser.set_defaults(size=None)  # no --size: --n and --dim as given
     args = parser.parse_args(argv)
-    if args.size is not None:
+    if args.size is not None:  # shards of the smaller size: both runs may hold one shard, only N differs
         args.n, args.dim = SIZES[args.size]
+        args.shard_size = args.shard_size or min(args.n)
     scratch = Path(tempfile.mkdtemp(prefix="bench_import-", dir=args.scratch))
     results: dict[tuple[str, int], dict] = {}
     try:
@@ -137,7 +140,8 @@ def main(argv: list[str] | None = None) -> None:
             size = sum(path.stat().st_size for path in source.iterdir()) / MB
             print(f"N={n:,}: wrote {size:,.0f} MB of {args.format} in {time.time() - started:.0f} s", flush=True)
             for factory in args.factory:
-                result = results[factory, n] = run_import(source, scratch / "out", factory, args.train_sample)
+                result = results[factory, n] = run_import(source, scratch / "out", factory, args.train_sample,
+                                                              args.shard_size)
                 print(f"  {factory:>14}: peak RSS {result['rss'] / MB:,.0f} MB, anon {result['anon'] / MB:,.0f} MB, "
                       f"USS {result['uss'] / MB:,.0f} MB, {result['seconds']:.0f} s | {result['summary']}", flush=True)
                 shutil.rmtree(scratch / "out")
