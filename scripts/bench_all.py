@@ -74,7 +74,7 @@ def _number(value: object) -> str:
 
 def table(results: list[dict], markdown: bool) -> str:
     """One line per row of every result (ours, peer, ratio, target, met), then each script's command."""
-    head = ["measure", "ours", "peer", "unit", "peer", "ratio", "target", "met"]
+    head = ["measure", "ours", "peer", "unit", "peer is", "ratio", "target", "met"]
     lines = []
     for result in results:
         if result.get("error"):
