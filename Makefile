@@ -62,6 +62,11 @@ gpu-wheels: $(STAMP)
 
 gpu-check:
 	$(GPU_PYTHON) scripts/gpu_check.py
+# Every scripts/bench_*.py at one size, one table of ratios (scripts/bench_all.py); JSON under runs/bench/.
+# BENCH_SIZE=mid for larger CPU shapes, large on a GPU machine.
+BENCH_SIZE ?= tiny
+bench: $(STAMP)
+	$(PY) scripts/bench_all.py --size $(BENCH_SIZE)
 
 clean:
 	rm -rf $(VENV) .hf_home runs outputs .pytest_cache

@@ -25,6 +25,7 @@ setup(
         "tqdm>=4.66",
         "psutil>=5.9",
         "pypdf>=5.0",  # rag-build-index --documents: text of PDF pages (pure Python)
+        "regex>=2023.0",  # DPR answer tokens: Unicode classes such as \p{L} (transformers installs it too)
     ],
     extras_require={
         "dev": ["pytest>=8", "ruff>=0.15"],

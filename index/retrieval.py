@@ -10,16 +10,18 @@ from __future__ import annotations
 
 import functools
 from pathlib import Path
-from typing import Callable, Protocol
+from typing import TYPE_CHECKING, Callable, Protocol
 
 import numpy as np
 import torch
 
-from index.faiss_index import DenseIndex
 from index.manifest import MANIFEST_NAME, IndexManifest
 from index.torch_index import DEFAULT_CHUNK, TorchIndex
 from rag_models.docs import RetrievedDocs
 from rag_models.errors import InputError
+
+if TYPE_CHECKING:  # faiss is imported only when a faiss index is opened (an exact torch index needs none)
+    from index.faiss_index import DenseIndex
 
 
 class SearchIndex(Protocol):
@@ -49,6 +51,8 @@ def resolve_index_dir(path: str | Path | None) -> Path:
 def _load_faiss(path: Path, *, use_gpu: bool, mmap: bool, nprobe: int | None, ef_search: int | None,
                 refine: int | None, passages: object, **_unused) -> DenseIndex:
     """A DenseIndex from disk (on the GPU only through use_gpu)."""
+    from index.faiss_index import DenseIndex  # lazy: faiss only when the index is a faiss one
+
     return DenseIndex.load(path, passages, use_gpu=use_gpu, mmap=mmap, nprobe=nprobe, ef_search=ef_search,
                            refine=refine)
 

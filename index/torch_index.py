@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import warnings
 from pathlib import Path
+from typing import Iterable
 
 import numpy as np
 import torch
@@ -44,6 +45,39 @@ def _read_only_tensor(block: np.ndarray) -> torch.Tensor:
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
         return torch.from_numpy(block)
+
+
+def chunked_topk(queries: torch.Tensor, chunks: Iterable[tuple[int, torch.Tensor]],
+                 k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Exact top-k inner products of ``queries`` (B, D) over a corpus given as (first row, (C, D) block) chunks.
+
+    One matmul + top-k per chunk, merged with the running best, so memory is one (B, C) score block whatever
+    N. Returns float32 scores (B, k) and int64 rows (B, k), best first, on the queries' device. Equal scores
+    may come in any order (torch.topk). Runs outside any autocast. A matmul reaches full speed at any B,
+    which faiss' own Flat search does not below a few dozen queries (scripts/bench_index.py).
+    """
+    # The corpus' own dtype decides the matmul: an enclosing autocast (a bf16-mixed training step searching an
+    # fp16 index) would otherwise round both sides to bf16 and reorder close passages.
+    with torch.no_grad(), torch.autocast(device_type=queries.device.type, enabled=False):
+        best_scores = queries.new_empty((queries.shape[0], 0), dtype=torch.float32)  # (B, <=k)
+        best_ids = torch.empty((queries.shape[0], 0), dtype=torch.int64, device=queries.device)
+        for start, block in chunks:
+            scores = (queries @ block.T).float()  # (B, C)
+            top = scores.topk(min(k, scores.shape[1]), dim=1)  # (B, k')
+            # Merge this chunk's best with the running best: memory stays O(B * k).
+            merged_scores = torch.cat([best_scores, top.values], dim=1)  # (B, <=2k)
+            merged_ids = torch.cat([best_ids, top.indices + start], dim=1)  # (B, <=2k)
+            keep = merged_scores.topk(min(k, merged_scores.shape[1]), dim=1)
+            best_scores, best_ids = keep.values, merged_ids.gather(1, keep.indices)  # (B, k)
+    return best_scores, best_ids
+
+
+def host_chunks(vectors: np.ndarray, chunk_size: int, dtype: torch.dtype = torch.float32):
+    """(first row, (C, D) CPU tensor) for every ``chunk_size`` rows of host ``vectors`` (N, D), without copies
+    when they are C-order float32 (a memmap or an in-RAM array)."""
+    for start in range(0, len(vectors), chunk_size):
+        block = np.ascontiguousarray(vectors[start:start + chunk_size], dtype=np.float32)  # (C, D)
+        yield start, _read_only_tensor(block).to(dtype)
 
 
 class TorchIndex:
@@ -110,29 +144,15 @@ class TorchIndex:
         if self._resident is not None:
             yield from zip(range(0, len(self), self.chunk_size), self._resident)
             return
-        for start in range(0, len(self), self.chunk_size):
-            block = np.ascontiguousarray(self._vectors[start:start + self.chunk_size], dtype=np.float32)  # (C, D)
-            yield start, _read_only_tensor(block).to(self.dtype)
+        yield from host_chunks(self._vectors, self.chunk_size, self.dtype)
 
     def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """Exact top-k: scores (B, k) float32 and row ids (B, k) int64, best first."""
         queries = check_queries(queries, self.manifest.dim)  # (B, D)
         check_k(k, self.manifest.count)
-        # The index's own dtype decides the matmul: an enclosing autocast (a bf16-mixed training step searching
-        # an fp16 index) would otherwise round both sides to bf16 and reorder close passages.
-        with torch.no_grad(), torch.autocast(device_type=self.device.type, enabled=False):
-            q = torch.from_numpy(queries).to(self.device, self.dtype)  # (B, D)
-            best_scores = q.new_empty((q.shape[0], 0), dtype=torch.float32)  # (B, <=k)
-            best_ids = torch.empty((q.shape[0], 0), dtype=torch.int64, device=self.device)
-            for start, block in self._chunks():
-                scores = (q @ block.T).float()  # (B, C)
-                top = scores.topk(min(k, scores.shape[1]), dim=1)  # (B, k')
-                # Merge this chunk's best with the running best: memory stays O(B * k).
-                merged_scores = torch.cat([best_scores, top.values], dim=1)  # (B, <=2k)
-                merged_ids = torch.cat([best_ids, top.indices + start], dim=1)  # (B, <=2k)
-                keep = merged_scores.topk(min(k, merged_scores.shape[1]), dim=1)
-                best_scores, best_ids = keep.values, merged_ids.gather(1, keep.indices)  # (B, k)
-        return best_scores.cpu().numpy(), best_ids.cpu().numpy()
+        q = torch.from_numpy(queries).to(self.device, self.dtype)  # (B, D)
+        scores, ids = chunked_topk(q, self._chunks(), k)
+        return scores.cpu().numpy(), ids.cpu().numpy()
 
     def vectors(self, ids: np.ndarray) -> np.ndarray:
         """The stored fp32 vectors of ``ids`` (B, K): (B, K, D); id -1 gives zeros."""

@@ -1,6 +1,7 @@
 """Benchmark `rag-build-index --from-dataset`: peak memory and wall time of importing N precomputed embeddings.
 
     python scripts/bench_import.py --n 200000 2000000 --dim 768 --factory exact IVF1024,PQ64 --train-sample 100000
+    python scripts/bench_import.py --size tiny --json runs/bench/import.json   # contract row: RSS(10x N) / RSS(N)
 
 For each N it writes a synthetic dataset (title, ~100-word text, a D-dim float32 embedding; files of 250k
 rows, written chunk by chunk; parquet, or with --format arrow IPC streams) under a scratch directory, runs
@@ -29,7 +30,14 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO_ROOT))  # the checkout's packages, installed or not
+
+from scripts.bench_contract import add_contract_args, machine, write_rows  # noqa: E402
+
 MB = 2**20
+# --size -> (the two dataset sizes, D): the peak RSS of the larger over the smaller is the contract row
+SIZES = {"tiny": ([10_000, 100_000], 256), "mid": ([20_000, 200_000], 768), "large": ([200_000, 2_000_000], 768)}
+TARGET = 1.15
 _CHUNK = 50_000  # rows generated and written at a time (one row group): 150 MB of 768-d float32
 _FILE_ROWS = 250_000  # rows per parquet file
 
@@ -83,10 +91,11 @@ def _memory(process: psutil.Process, with_uss: bool) -> tuple[int, int, int]:
     return rss, anon, uss
 
 
-def run_import(source: Path, out: Path, factory: str, train_sample: int) -> dict:
+def run_import(source: Path, out: Path, factory: str, train_sample: int, shard_size: int | None = None) -> dict:
     """Run the import in a child process; its peak memory (RSS, anon, USS) and wall time."""
     command = [sys.executable, str(REPO_ROOT / "scripts" / "build_index.py"), "--from-dataset", str(source),
                "--out", str(out), "--factory", factory, "--train-sample", str(train_sample), "--no-progress"]
+    command += [] if shard_size is None else ["--shard-size", str(shard_size)]
     started = time.time()
     child = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     process, peak, samples = psutil.Process(child.pid), [0, 0, 0], 0
@@ -105,7 +114,8 @@ def run_import(source: Path, out: Path, factory: str, train_sample: int) -> dict
             "summary": output.strip().splitlines()[-1]}
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
+    """Parse the sizes, import each dataset with each factory in a child process, print (and write) the peaks."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--n", type=int, nargs="+", default=[200_000, 2_000_000], help="dataset sizes (rows)")
     parser.add_argument("--dim", type=int, default=768, help="embedding dimension D")
@@ -114,7 +124,13 @@ def main() -> None:
     parser.add_argument("--format", choices=["parquet", "arrow"], default="parquet",
                         help="source files: parquet, or Arrow IPC streams as Dataset.save_to_disk writes them")
     parser.add_argument("--scratch", default=None, help="parent of the scratch directory (default: the temp dir)")
-    args = parser.parse_args()
+    parser.add_argument("--shard-size", type=int, help="rows per shard (default: rag-build-index's 100,000)")
+    add_contract_args(parser)
+    parser.set_defaults(size=None)  # no --size: --n and --dim as given
+    args = parser.parse_args(argv)
+    if args.size is not None:  # shards of the smaller size: both runs may hold one shard, only N differs
+        args.n, args.dim = SIZES[args.size]
+        args.shard_size = args.shard_size or min(args.n)
     scratch = Path(tempfile.mkdtemp(prefix="bench_import-", dir=args.scratch))
     results: dict[tuple[str, int], dict] = {}
     try:
@@ -124,7 +140,8 @@ def main() -> None:
             size = sum(path.stat().st_size for path in source.iterdir()) / MB
             print(f"N={n:,}: wrote {size:,.0f} MB of {args.format} in {time.time() - started:.0f} s", flush=True)
             for factory in args.factory:
-                result = results[factory, n] = run_import(source, scratch / "out", factory, args.train_sample)
+                result = results[factory, n] = run_import(source, scratch / "out", factory, args.train_sample,
+                                                              args.shard_size)
                 print(f"  {factory:>14}: peak RSS {result['rss'] / MB:,.0f} MB, anon {result['anon'] / MB:,.0f} MB, "
                       f"USS {result['uss'] / MB:,.0f} MB, {result['seconds']:.0f} s | {result['summary']}", flush=True)
                 shutil.rmtree(scratch / "out")
@@ -132,11 +149,18 @@ def main() -> None:
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     smallest, largest = min(args.n), max(args.n)
+    rows = []
     for factory in args.factory:
         if smallest != largest:
             low, high = results[factory, smallest], results[factory, largest]
             print(f"{factory}: RSS({largest:,}) / RSS({smallest:,}) = {high['rss'] / low['rss']:.2f}, "
                   f"anon {high['anon'] / low['anon']:.2f}, USS {high['uss'] / low['uss']:.2f}")
+            ratio = high["rss"] / low["rss"]
+            rows.append({"measure": f"--from-dataset peak RSS ({factory}, D={args.dim}), {largest:,} vs {smallest:,} "
+                         "rows (ratio ours/peer)", "size": args.size, "ours": round(high["rss"] / MB, 1),
+                         "peer": round(low["rss"] / MB, 1), "peer_name": f"same import, {smallest:,} rows",
+                         "unit": "MB", "ratio": round(ratio, 3), "target": f"<= {TARGET}x", "met": ratio <= TARGET})
+    write_rows(args, rows, machine())
 
 
 if __name__ == "__main__":

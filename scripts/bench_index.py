@@ -1,6 +1,12 @@
 """Benchmark the document index: our wrappers vs raw faiss, recall, build time, disk, RAM, passage store.
 
+    python scripts/bench_index.py --size mid --json runs/bench/index.json   # exact search per batch size
     python scripts/bench_index.py --n 1000000 --dim 768 --queries 1000 --k 100 --hnsw-n 100000
+
+With --size, only the exact-search table: the default index (faiss Flat through DenseIndex) against the
+fastest exact method, faiss Flat with its BLAS threshold set to 1 or a torch matmul + top-k, at 1, 8, 16,
+64 and 1,024 queries per call (tiny: 20k x 768, mid: 200k x 768, large: 1M x 768; k=100), interleaved.
+Without it, the full report below.
 
 Everything is written under a temporary directory in /tmp and deleted at the end.
 Vectors are synthetic: `--data clustered` (default) draws them around 1,024 random
@@ -31,6 +37,7 @@ from index.faiss_index import DenseIndex  # noqa: E402
 from index.passage_files import Passage, write_passages_tsv  # noqa: E402
 from index.passages import PassageStore  # noqa: E402
 from index.torch_index import TorchIndex  # noqa: E402
+from scripts.bench_contract import add_contract_args, machine, write_rows  # noqa: E402
 
 MB = 2**20
 
@@ -227,6 +234,59 @@ def bench_passages(args: argparse.Namespace, tmp: Path) -> None:
           f"get(row_of(id)) {by_id:,.0f}/s, batched titles+texts {batched:,.0f} passages/s")
 
 
+BATCH_SIZES = (1, 8, 16, 64, 1024)
+EXACT_SIZES = {"tiny": 20_000, "mid": 200_000, "large": 1_000_000}  # rows of 768-d vectors
+WITHIN = 1.2  # the default exact index: at most this much slower than the fastest exact method
+
+
+def faiss_blas_search(index: faiss.Index, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """faiss' own Flat search with its BLAS threshold at 1 (matrix multiply at every batch size)."""
+    default = faiss.cvar.distance_compute_blas_threshold
+    faiss.cvar.distance_compute_blas_threshold = 1
+    try:
+        return index.search(queries, k)
+    finally:
+        faiss.cvar.distance_compute_blas_threshold = default
+
+
+def torch_search(vectors: torch.Tensor, queries: np.ndarray, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """One matmul + top-k over all (N, D) vectors."""
+    with torch.no_grad():
+        return (torch.from_numpy(queries) @ vectors.T).topk(k, dim=1)  # (B, k) each
+
+
+def bench_exact_batches(size: str, dim: int = 768, k: int = 100, repeats: int = 3) -> list[dict]:
+    """Seconds per call of the default exact index vs the fastest exact peer at each batch size (min of repeats)."""
+    n = EXACT_SIZES[size]
+    rng = np.random.default_rng(0)
+    vectors = sample(rng, n, dim, "clustered")  # (N, D)
+    ours = DenseIndex.build(vectors, factory="Flat", progress=False)  # what index=flat opens (the default)
+    peers = {"faiss Flat, BLAS threshold 1": lambda q: faiss_blas_search(ours.index, q, k),
+             "torch matmul + top-k": functools.partial(torch_search, torch.from_numpy(vectors), k=k)}
+    print(f"exact search, {n:,} x {dim}, k={k}: seconds per call (best of {repeats}, interleaved)")
+    print(f"{'queries':>8}{'ours':>10}" + "".join(f"{name:>32}" for name in peers) + f"{'fastest/ours':>14}")
+    rows = []
+    for batch in BATCH_SIZES:
+        queries = sample(rng, batch, dim, "clustered")  # (B, D)
+        times = {name: [] for name in ["ours", *peers]}
+        calls = {"ours": lambda q: ours.search(q, k), **peers}
+        for call in calls.values():
+            call(queries[:1])  # warm-up
+        for _ in range(repeats if batch < 1024 or size == "tiny" else 2):
+            for name, call in calls.items():  # interleaved: contention hits every method alike
+                times[name].append(best_time(lambda: call(queries), 1))
+        best = {name: min(values) for name, values in times.items()}
+        peer_name = min(peers, key=best.get)
+        ratio = best[peer_name] / best["ours"]
+        print(f"{batch:>8}{best['ours']:>10.4f}" + "".join(f"{best[name]:>32.4f}" for name in peers) +
+              f"{ratio:>14.2f}", flush=True)
+        rows.append({"measure": f"exact search {n // 1000}k x {dim}, {batch} queries/call (ratio peer/ours)",
+                     "size": size, "ours": round(best["ours"], 5), "peer": round(best[peer_name], 5),
+                     "peer_name": peer_name, "unit": "s", "ratio": round(ratio, 3),
+                     "target": f">= {1 / WITHIN:.2f} (within {WITHIN}x)", "met": ratio >= 1 / WITHIN})
+    return rows
+
+
 def main(argv: list[str] | None = None) -> None:
     """Parse the sizes, run the index and passage-store benchmarks in a temp dir."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -249,7 +309,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--lookups", type=int, default=100_000)
     parser.add_argument("--skip-index", action="store_true")
     parser.add_argument("--tmp", default=None, help="parent of the temporary directory (default: system temp)")
+    add_contract_args(parser)
+    parser.set_defaults(size=None)  # no --size: the full report
     args = parser.parse_args(argv)
+    if args.size is not None:
+        rows = bench_exact_batches(args.size, repeats=args.repeats)
+        write_rows(args, rows, machine() + f", faiss {faiss.__version__}, torch {torch.get_num_threads()} threads")
+        return
     print(f"faiss {faiss.__version__}, {faiss.omp_get_max_threads()} threads, {os.cpu_count()} CPUs, "
           f"{psutil.virtual_memory().total / 2**30:.0f} GB RAM, CUDA: {torch.cuda.is_available()}")
     with tempfile.TemporaryDirectory(prefix="bench_index_", dir=args.tmp) as tmp:

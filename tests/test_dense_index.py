@@ -42,6 +42,32 @@ def test_flat_equals_brute_force():
     np.testing.assert_allclose(scores, want_scores, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("batch", [1, 8, 16, 64])
+def test_flat_search_matches_faiss_at_every_batch_size(batch):
+    # A CPU Flat index searches by matmul + top-k over faiss' own vectors (faiss scans query by query below
+    # its BLAS threshold); faiss' answer is the reference: same ids, scores to float rounding.
+    rng = np.random.default_rng(batch)
+    vectors, queries = rng.standard_normal((2000, D), dtype=np.float32), rng.standard_normal((batch, D),
+                                                                                            dtype=np.float32)
+    index = DenseIndex.build(vectors, factory="Flat", progress=False)
+    np.testing.assert_array_equal(index._flat_vectors(), vectors)  # the path taken: faiss' storage, viewed
+    scores, ids = index.search(queries, K)
+    want_scores, want_ids = index.index.search(queries, K)  # the faiss object itself
+    np.testing.assert_array_equal(ids, want_ids)
+    np.testing.assert_allclose(scores, want_scores, rtol=1e-5, atol=1e-5)
+    assert ids.dtype == np.int64 and scores.dtype == np.float32 and ids.shape == (batch, K)
+
+
+def test_only_plain_cpu_flat_indexes_take_the_matmul_path():
+    vectors, queries = _data(5)
+    custom_ids = np.arange(N, dtype=np.int64) * 3 + 1
+    for index in (DenseIndex.build(vectors, ids=custom_ids, factory="Flat", progress=False),  # IDMap2 over Flat
+                  DenseIndex.build(vectors, factory="HNSW8", progress=False)):
+        assert index._flat_vectors() is None
+    mapped = DenseIndex.build(vectors, ids=custom_ids, factory="Flat", progress=False)
+    np.testing.assert_array_equal(mapped.search(queries, K)[1], custom_ids[_brute_force(vectors, queries, K)[1]])
+
+
 @pytest.mark.parametrize("chunk_size", [1000, 64, 7])
 def test_torch_index_equals_brute_force(chunk_size):
     vectors, queries = _data(1)

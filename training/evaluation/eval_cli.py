@@ -40,10 +40,10 @@ def evaluate(job: DictConfig | EvalJob) -> dict[str, Any]:
         job = job_from_config(job)
     check_job(job)
     request_verify(job.verify)  # the processes started below inherit it
-    load_examples(job)  # a bad question file fails here, before any process or model starts
+    examples = load_examples(job)  # a bad question file fails here, before any process or model starts
     if int(os.environ.get("RANK", "0")) == 0:
         sweep_stale(job.out_dir, command="rag-eval", recursive=False)  # files of a killed evaluation
-    return launch(job)
+    return launch(job, examples)  # one process, or torchrun's ranks, reuse them: no second pass over the file
 
 
 def summary_line(metrics: dict[str, Any]) -> str:

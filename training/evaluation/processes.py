@@ -21,6 +21,7 @@ import torch.multiprocessing as mp
 
 from rag_models.errors import InputError
 from rag_models.lifeline import die_with_parent, tie_to_launcher
+from training.data.questions import QAExample
 from training.evaluation.job import AUTOCAST_DTYPES, EvalJob, load_examples
 from training.evaluation.records import cut_questions, decode_share, load_parts
 from training.evaluation.report import metrics_from_records, write_outputs
@@ -48,14 +49,16 @@ def rank_device(accelerator: str, local_rank: int) -> torch.device:
     return torch.device("cuda", local_rank)
 
 
-def run_rank(job: EvalJob, rank: int = 0, world: int = 1, local_rank: int = 0) -> dict[str, Any] | None:
+def run_rank(job: EvalJob, rank: int = 0, world: int = 1, local_rank: int = 0,
+             examples: list[QAExample] | None = None) -> dict[str, Any] | None:
     """What every process runs: decode this rank's share; rank 0 gathers, scores and writes the files.
 
+    ``examples``: the job's questions when the caller has read them already (None: read them here).
     Returns the metrics on rank 0 and None elsewhere. With world > 1 the process group must exist.
     """
     started = time.perf_counter()
     device = rank_device(job.accelerator, local_rank)
-    examples = load_examples(job)
+    examples = load_examples(job) if examples is None else examples
     parts = load_parts(job, device, world_size=world)
     cut = cut_questions(examples, parts.model, job) if rank == 0 else {}
     for warning in cut.values():
@@ -125,16 +128,20 @@ def _spawn(job: EvalJob) -> dict[str, Any]:
     return json.loads((job.out_dir / "metrics.json").read_text(encoding="utf-8"))
 
 
-def launch(job: EvalJob) -> dict[str, Any]:
-    """One process, N spawned ones, or this process as one rank of torchrun (WORLD_SIZE in the environment)."""
+def launch(job: EvalJob, examples: list[QAExample] | None = None) -> dict[str, Any]:
+    """One process, N spawned ones, or this process as one rank of torchrun (WORLD_SIZE in the environment).
+
+    ``examples``: the questions, already read by the caller (None: each process reads them).
+    """
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world > 1:  # under torchrun: the launcher made the processes, we only join the group
         tie_to_launcher()  # each rank dies with torchrun's agent
         if not dist.is_initialized():
             dist.init_process_group(_backend(job))
-        metrics = run_rank(job, dist.get_rank(), world, local_rank=int(os.environ.get("LOCAL_RANK", "0")))
+        metrics = run_rank(job, dist.get_rank(), world, local_rank=int(os.environ.get("LOCAL_RANK", "0")),
+                           examples=examples)
         dist.barrier()
         return metrics or {}
     if job.devices > 1:
         return _spawn(job)
-    return run_rank(job) or {}
+    return run_rank(job, examples=examples) or {}
