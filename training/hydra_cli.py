@@ -13,7 +13,7 @@ from collections.abc import Sequence
 
 from hydra._internal.utils import get_args_parser
 from hydra.core.override_parser.overrides_parser import OverridesParser
-from hydra.errors import ConfigCompositionException
+from hydra.errors import ConfigCompositionException, OverrideParseException
 from omegaconf import DictConfig, OmegaConf, open_dict
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError
 
@@ -22,6 +22,10 @@ from training.config import CONFIG_DIR, compose
 from training.settings_check import check_settings
 
 RUN_DIR_PLACEHOLDER = "<hydra run dir>"
+
+
+def _first_line(err: Exception) -> str:
+    return str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
 
 
 def _is_key_addition(override: str) -> bool:
@@ -66,6 +70,14 @@ def checked_compose(overrides: Sequence[str], config_name: str) -> DictConfig:
 
     Raises InputError naming the setting; Hydra's own errors for overrides that do not parse.
     """
+    for override in overrides:
+        try:
+            OverridesParser.create().parse_overrides([override])
+        except OverrideParseException as err:
+            raise InputError(f"cannot read the override {override!r} ({_first_line(err)})",
+                             setting=override.split("=")[0].lstrip("+~"),
+                             fix="Write key=value; quote values with brackets, commas or spaces: "
+                             "key='[1,2]' (see Hydra's override grammar)") from None
     try:
         cfg = compose(overrides, config_name)
     except ConfigCompositionException as err:
@@ -73,7 +85,8 @@ def checked_compose(overrides: Sequence[str], config_name: str) -> DictConfig:
                 getattr(err.__cause__, "full_key", None):
             raise _unknown_override(err, overrides, config_name) from err
         raise
-    reference = compose([o for o in overrides if not _is_key_addition(o)], config_name)
+    kept = [o for o in overrides if not _is_key_addition(o)]
+    reference = cfg if len(kept) == len(overrides) else compose(kept, config_name)
     if OmegaConf.select(cfg, "paths.run_dir", default="") is None:
         with open_dict(cfg):
             cfg.paths.run_dir = RUN_DIR_PLACEHOLDER  # rag-train fills it with Hydra's run dir, after this check

@@ -13,6 +13,7 @@ Three checks, each raising an InputError that names the setting and the fix:
 from __future__ import annotations
 
 import difflib
+import functools
 import re
 from collections.abc import Iterator
 from typing import Any, Literal
@@ -84,13 +85,19 @@ def _resolved(cfg: DictConfig, path: str) -> Any:
 
 
 def _target_params(node: Any) -> tuple[dict[str, Any], bool] | None:
-    """The parameter annotations of a node's ``_target_`` (None: no target, or it cannot be imported)."""
+    """The parameter annotations of a node's ``_target_`` (None: no target)."""
     if not isinstance(node, dict) or not isinstance(node.get("_target_"), str):
         return None
+    return _params_of(node["_target_"])
+
+
+@functools.lru_cache(maxsize=None)
+def _params_of(target: str) -> tuple[dict[str, Any], bool]:
+    """`parameter_types` of an importable target, once per target; InputError naming it when it does not import."""
     try:
-        return parameter_types(get_method(node["_target_"]))
+        return parameter_types(get_method(target))
     except Exception as err:  # noqa: BLE001 - a bad target is reported by name
-        raise InputError(f"cannot import {node['_target_']!r} ({type(err).__name__})", setting="_target_",
+        raise InputError(f"cannot import {target!r} ({type(err).__name__})", setting="_target_",
                          fix="name an importable function or class") from None
 
 
@@ -113,8 +120,8 @@ def check_keys(container: dict, reference: dict, command: str) -> None:
     """InputError for the first key of ``container`` absent from ``reference`` that no target reads."""
     for path, value in _items(container):
         parent_path, _, key = path.rpartition(".")
-        ref_parent = reference if not parent_path else OmegaConf.select(OmegaConf.create(reference), parent_path)
-        ref_keys = list(ref_parent.keys()) if isinstance(ref_parent, (dict, DictConfig)) else None
+        ref_parent = _parent(reference, path)
+        ref_keys = list(ref_parent.keys()) if isinstance(ref_parent, dict) else None
         if ref_keys is None or key in ref_keys or key.startswith("_"):
             continue  # inside a node the user added whole, or a known key
         params = _target_params(_parent(container, path))
@@ -157,6 +164,9 @@ def _check_trainer(cfg: DictConfig) -> None:
     if isinstance(devices, str) and not _DEVICES_TEXT.fullmatch(devices.strip()):
         raise InputError(f"{devices!r} is not accepted", setting="trainer.devices",
                          fix="Give a number of devices, -1 (all), auto, or device ids such as '0,1'")
+    if isinstance(devices, int) and not isinstance(devices, bool) and devices < 1 and devices != -1:
+        raise InputError(f"{devices} must be at least 1 (or -1 for every device)", setting="trainer.devices",
+                         fix="Give 1 or more")
     if isinstance(accelerator, str) and accelerator not in ACCELERATORS:
         raise InputError(f"unknown accelerator {accelerator!r}", setting="trainer.accelerator",
                          fix=f"Use one of {', '.join(ACCELERATORS)}")
