@@ -91,7 +91,7 @@ ROWS: list[tuple[str, str, str]] = [
     ("rag-train", "model.label_smoothing=2", "model.label_smoothing"),
     ("rag-train", "decoding.num_beams=0", "decoding.num_beams"),
     ("rag-train", "decoding.max_length=0", "decoding.max_length"),
-    ("rag-train", "callbacks.checkpoint_last.every_n_train_steps=0", "every_n_train_steps"),
+    ("rag-train", "callbacks.checkpoint_last.every_n_train_steps=-1", "every_n_train_steps"),
     ("rag-train", "data.max_val_examples=0", "data.max_val_examples"),
     ("rag-train", "index.nprobe=0", "index.nprobe"),
     ("rag-train", "decoding=fastt", "decoding/fastt"),
@@ -201,7 +201,11 @@ def _broken_copy(model: Path, name: str, content: str) -> str:
 
 
 def _resumable_checkpoint(setup: TinySetup, run_dir: Path) -> Path:
-    """last.ckpt of a one-step run (batch 4, seed 0), for the resume rows."""
+    """last.ckpt of a one-step run (batch 4, seed 0), for the resume rows.
+
+    It trains with ``logger=none`` and the default callbacks: a shipped choice that once crashed (the
+    learning-rate monitor needs a logger; rag-train now leaves it out).
+    """
     overrides = ["experiment=demo", *tiny_overrides(setup, run_dir), "trainer.max_steps=1", "data.batch_size=4",
                  "callbacks.checkpoint_last.every_n_train_steps=1", "trainer.val_check_interval=1",
                  "data.max_val_examples=2", "test=false", "logger=none", "callbacks.samples=null"]

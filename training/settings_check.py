@@ -42,18 +42,19 @@ AT_LEAST: dict[str, int] = {
                      "max_question_length", "max_passage_length", "max_source_length", "max_target_length",
                      "num_beams", "num_return_sequences", "recall_depth", "limit", "nprobe", "ef_search",
                      "refine", "chunk_size", "train_sample", "max_train_examples", "max_val_examples",
-                     "max_test_examples", "max_dev_examples", "every_n_train_steps", "log_every_n_steps",
-                     "accumulate_grad_batches", "check_val_every_n_epoch", "val_check_interval", "n",
-                     "recall_ks"), 1),
+                     "max_test_examples", "max_dev_examples", "log_every_n_steps",
+                     "accumulate_grad_batches", "check_val_every_n_epoch", "recall_ks"), 1),
     **dict.fromkeys(("seed", "warmup_steps", "min_length", "num_workers", "report_examples", "hard_negatives",
                      "weight_decay", "gradient_clip_val", "lr", "lr_question_encoder", "lr_generator",
-                     "lr_context_encoder", "limit_val_batches", "limit_test_batches", "label_smoothing"), 0),
+                     "lr_context_encoder", "limit_val_batches", "limit_test_batches", "label_smoothing",
+                     "every_n_train_steps", "n"), 0),  # every_n_train_steps=0: no step checkpoints
 }
 # -1 means "no limit" / "every device" to Lightning; ddp.yaml ships devices: -1.
 UNLIMITED = {"trainer.max_steps": -1, "trainer.max_epochs": -1, "trainer.devices": -1,
              "trainer.num_sanity_val_steps": -1}
 FRACTIONS = ("final_lr_factor", "label_smoothing")  # within [0, 1]
-POSITIVE = ("lr", "lr_question_encoder", "lr_generator", "lr_context_encoder")  # strictly above 0
+# strictly above 0 (val_check_interval: batches when whole, a fraction of the epoch when below 1)
+POSITIVE = ("lr", "lr_question_encoder", "lr_generator", "lr_context_encoder", "val_check_interval")
 ACCELERATORS = ("auto", "cpu", "gpu", "cuda", "mps")
 _DEVICES_TEXT = re.compile(r"auto|-1|\d+|\d+(,\d+)*,?")  # Lightning's "auto", a count, or "0,1" device ids
 _UNRESOLVED = object()
