@@ -189,7 +189,7 @@ def check_settings(cfg: DictConfig, command: str, reference: DictConfig | None =
         if isinstance(raw, dict) or path.rsplit(".", 1)[-1].startswith("_"):
             continue
         value = _resolved(cfg, path)
-        if value is _UNRESOLVED or value == "???":
+        if value is _UNRESOLVED or raw == "???":  # a required value not given: the command names it
             continue
         parent_path = path.rpartition(".")[0]
         params = _target_params(_resolved_node(container, parent_path))
