@@ -22,6 +22,7 @@ import torch
 
 from decoding.answer import STRATEGIES, Answer, DecodingSettings, answer
 from decoding.retrieve import RetrieverLike
+from rag_models.cli_errors import at_least, command, positive_int
 from rag_models.errors import InputError
 from rag_models.rag import RagModel
 
@@ -36,17 +37,19 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--strategy", choices=sorted(STRATEGIES), default=None,
                         help="decoder (default: the model's own, as the paper evaluates it: thorough with one beam "
                         "per doc for RAG-Sequence, greedy for RAG-Token)")
-    parser.add_argument("--n-docs", type=int, default=None, help="passages read per answer (default: as trained)")
-    parser.add_argument("--num-beams", type=int, default=None,
+    parser.add_argument("--n-docs", type=positive_int, default=None,
+                        help="passages read per answer (default: as trained)")
+    parser.add_argument("--num-beams", type=positive_int, default=None,
                         help="beams (per doc for RAG-Sequence); default: 1, or 4 with --strategy beam")
-    parser.add_argument("--max-length", type=int, default=40, help="answer tokens, the decoder start token included")
-    parser.add_argument("--num-answers", type=int, default=1, help="n-best answers to print (<= --num-beams)")
-    parser.add_argument("--top-docs", type=int, default=3, help="supporting passages shown per answer")
+    parser.add_argument("--max-length", type=at_least(2), default=40,
+                        help="answer tokens, the decoder start token included")
+    parser.add_argument("--num-answers", type=positive_int, default=1, help="n-best answers to print (<= --num-beams)")
+    parser.add_argument("--top-docs", type=at_least(0), default=3, help="supporting passages shown per answer")
     parser.add_argument("--backend", choices=["faiss", "torch"], default="faiss", help="how the index is searched")
     # The index group's search knobs (configs/index/): IVF, HNSW and PQ indexes need them as in rag-eval.
-    parser.add_argument("--nprobe", type=int, default=None, help="IVF lists probed per query (IVF indexes)")
-    parser.add_argument("--ef-search", type=int, default=None, help="HNSW search width (HNSW indexes)")
-    parser.add_argument("--refine", type=int, default=None,
+    parser.add_argument("--nprobe", type=positive_int, default=None, help="IVF lists probed per query (IVF indexes)")
+    parser.add_argument("--ef-search", type=positive_int, default=None, help="HNSW search width (HNSW indexes)")
+    parser.add_argument("--refine", type=positive_int, default=None,
                         help="re-rank refine * n_docs candidates by exact q.d (PQ indexes)")
     parser.add_argument("--mmap", action="store_true", help="map index.faiss instead of reading it into RAM")
     parser.add_argument("--verify", action="store_true",
@@ -125,28 +128,27 @@ def ask(questions: Iterable[str], retriever: RetrieverLike, model: RagModel, set
     return count
 
 
+@command("rag-ask")
 def main(argv: list[str] | None = None) -> int:
-    """Entry point of rag-ask; exit status 2 on bad input (the message says what to do)."""
+    """Entry point of rag-ask; a bad input: one line on stderr, exit status 2 (the message says what to do)."""
     args = _parser().parse_args(argv)
-    try:
-        check_questions(args.questions)
-        # Imported here so that `rag-ask --help` answers without loading torch models or faiss.
-        from index.settings import IndexSettings
-        from rag_models.checkpoint import load_rag_model
-        from rag_models.file_manifest import request_verify
+    check_questions(args.questions)
+    # Imported here so that `rag-ask --help` answers without loading torch models or faiss.
+    from index.build_cli import check_device
+    from index.settings import IndexSettings
+    from rag_models.checkpoint import load_rag_model
+    from rag_models.file_manifest import request_verify
 
-        request_verify(args.verify)
-        model = load_rag_model(args.checkpoint).to(args.device).eval()
-        index = IndexSettings(path=args.index, factory=None, backend=args.backend, nprobe=args.nprobe,
-                              ef_search=args.ef_search, refine=args.refine, mmap=args.mmap)
-        retriever = index.open()
-        settings = settings_from_args(args).for_model(model)
-        print(f"rag-ask: decoding: {settings.summary()}", file=sys.stderr)
-        ask(_questions(args.questions, sys.stdin), retriever, model, settings, args.top_docs,
-            sys.stdout, sources=retriever.passages.sources)
-    except InputError as err:
-        print(f"rag-ask: {err}", file=sys.stderr)
-        return 2
+    check_device(args.device)
+    request_verify(args.verify)
+    model = load_rag_model(args.checkpoint).to(args.device).eval()
+    index = IndexSettings(path=args.index, factory=None, backend=args.backend, nprobe=args.nprobe,
+                          ef_search=args.ef_search, refine=args.refine, mmap=args.mmap)
+    retriever = index.open()
+    settings = settings_from_args(args).for_model(model)
+    print(f"rag-ask: decoding: {settings.summary()}", file=sys.stderr)
+    ask(_questions(args.questions, sys.stdin), retriever, model, settings, args.top_docs,
+        sys.stdout, sources=retriever.passages.sources)
     return 0
 
 

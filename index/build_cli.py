@@ -34,6 +34,7 @@ from index.documents import document_files, documents_fingerprint, iter_document
 from index.encode import encode_corpus, load_shards, make_embed_fn, resolve_rank
 from index.manifest import IndexManifest, load_array, load_checked
 from index.passages import PassageStore, existing_store, source_fingerprint
+from rag_models.cli_errors import command, positive_int
 from rag_models.errors import InputError
 from rag_models.leftovers import sweep_stale
 from rag_models.lifeline import tie_to_launcher
@@ -155,10 +156,10 @@ def _parser() -> argparse.ArgumentParser:
                         "(required, except with --from-dataset)")
     parser.add_argument("--out", required=True, help="output directory (passages/, index/)")
     parser.add_argument("--factory", default="Flat", help="faiss factory (Flat, HNSW32, IVF4096,PQ64) or 'exact'")
-    parser.add_argument("--batch-size", type=int, default=128, help="passages per encoder forward")
-    parser.add_argument("--shard-size", type=int, default=100_000, help="passages per resumable shard")
-    parser.add_argument("--max-length", type=int, default=256, help="token limit of title [SEP] text")
-    parser.add_argument("--train-sample", type=int, default=200_000, help="vectors used to train IVF / PQ")
+    parser.add_argument("--batch-size", type=positive_int, default=128, help="passages per encoder forward")
+    parser.add_argument("--shard-size", type=positive_int, default=100_000, help="passages per resumable shard")
+    parser.add_argument("--max-length", type=positive_int, default=256, help="token limit of title [SEP] text")
+    parser.add_argument("--train-sample", type=positive_int, default=200_000, help="vectors used to train IVF / PQ")
     parser.add_argument("--fp16", action="store_true", help="autocast the encoder to fp16 (CUDA only)")
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda if available)")
     parser.add_argument("--keep-shards", action="store_true", help="keep OUT/shards after the index is built")
@@ -182,6 +183,15 @@ def _check_sources(parser: argparse.ArgumentParser, args: argparse.Namespace) ->
         parser.error("--passages / --documents need --encoder (the context encoder that embeds the passages)")
     if args.faiss_index is not None and args.from_dataset is None:
         parser.error("--faiss-index goes only with --from-dataset")
+    if args.passages is not None and not Path(args.passages).is_file():
+        raise InputError("passages file not found", path=args.passages,
+                         fix="Pass --passages FILE: a DPR psgs_w100.tsv(.gz) or a JSONL {id, title, text} file")
+    if args.encoder is not None and Path(args.encoder).exists() and not (Path(args.encoder) / "config.json").is_file():
+        raise InputError("not an encoder checkpoint (no config.json)", path=args.encoder,
+                         fix="Pass --encoder DIR written by save_pretrained (e.g. rag-train's "
+                         "<run_dir>/model/context_encoder) or a hub name")
+    if args.out is not None and Path(args.out).exists() and not Path(args.out).is_dir():
+        raise InputError("exists and is not a directory", path=args.out, fix="Pass --out a new or existing directory")
 
 
 def _import(args: argparse.Namespace) -> None:
@@ -192,6 +202,22 @@ def _import(args: argparse.Namespace) -> None:
     import_dataset(args.from_dataset, args.out, factory=args.factory, faiss_index=args.faiss_index,
                    encoder=args.encoder, shard_size=args.shard_size, train_sample=args.train_sample,
                    keep_shards=args.keep_shards, progress=not args.no_progress)
+
+
+def check_device(device: str | None, setting: str = "--device") -> None:
+    """InputError for a device torch does not know, or a CUDA device on a machine without one."""
+    if device is None:
+        return
+    try:
+        parsed = torch.device(device)
+    except RuntimeError:
+        raise InputError(f"unknown device {device!r}", setting=setting, fix="Use cpu, cuda or cuda:N") from None
+    if parsed.type == "cuda" and not torch.cuda.is_available():
+        raise InputError(f"{device!r} asked for, but this machine has no CUDA device", setting=setting,
+                         fix="Use --device cpu")
+    if parsed.type == "cuda" and parsed.index is not None and parsed.index >= torch.cuda.device_count():
+        raise InputError(f"{device!r}: only {torch.cuda.device_count()} CUDA device(s) here", setting=setting,
+                         fix="Use a device index below the count")
 
 
 def _init_distributed(device: str | None) -> str:
@@ -206,11 +232,13 @@ def _init_distributed(device: str | None) -> str:
     return device or ("cuda" if cuda else "cpu")
 
 
+@command("rag-build-index")
 def main(argv: list[str] | None = None) -> None:
-    """Console entry point of ``rag-build-index``."""
+    """Console entry point of ``rag-build-index``; a bad input: one line on stderr, exit status 2."""
     parser = _parser()
     args = parser.parse_args(argv)
     _check_sources(parser, args)
+    check_device(args.device)
     try:
         if args.from_dataset is not None:
             _import(args)
@@ -220,9 +248,6 @@ def main(argv: list[str] | None = None) -> None:
                     shard_size=args.shard_size, max_length=args.max_length, fp16=args.fp16, device=device,
                     train_sample=args.train_sample, keep_shards=args.keep_shards, progress=not args.no_progress,
                     documents=args.documents or ())
-    except InputError as err:
-        print(f"rag-build-index: error: {err}", file=sys.stderr)
-        raise SystemExit(2) from None
     finally:
         if dist.is_available() and dist.is_initialized():
             dist.destroy_process_group()

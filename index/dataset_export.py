@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import shutil
-import sys
 from pathlib import Path
 from typing import Iterator
 
@@ -31,6 +30,7 @@ from tqdm import tqdm
 from index.manifest import FAISS_NAME, IDS_NAME, IndexManifest, open_passages, open_vectors
 from index.retrieval import resolve_index_dir
 from rag_models.atomic import atomic_directory
+from rag_models.cli_errors import command
 from rag_models.errors import InputError
 from rag_models.transformers_rag import KNOWLEDGE_DATASET, KNOWLEDGE_FAISS
 
@@ -91,19 +91,16 @@ def export_knowledge_dataset(index_dir: str | Path, out: str | Path, *, progress
     return out
 
 
+@command("rag-export-index")
 def main(argv: list[str] | None = None) -> None:
-    """Console entry point of ``rag-export-index``."""
+    """Console entry point of ``rag-export-index``; a bad input: one line on stderr, exit status 2."""
     parser = argparse.ArgumentParser(prog="rag-export-index", description="Write an index directory as a "
                                      "knowledge base transformers' RagRetriever(index_name='custom') loads.")
     parser.add_argument("index", help="a rag-build-index output directory (or its index/ subdirectory)")
     parser.add_argument("--out", required=True, help="the directory to write (dataset/ + index.faiss)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
-    try:
-        export_knowledge_dataset(args.index, args.out, progress=not args.no_progress)
-    except InputError as err:
-        print(f"rag-export-index: error: {err}", file=sys.stderr)
-        raise SystemExit(2) from None
+    export_knowledge_dataset(args.index, args.out, progress=not args.no_progress)
 
 
 if __name__ == "__main__":

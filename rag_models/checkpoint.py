@@ -26,9 +26,9 @@ from rag_models.generator import DOC_SEP, TITLE_SEP, Generator
 from rag_models.loaders import load_generator_checkpoint
 from rag_models.rag import RagModel
 from rag_models.retriever import load_encoder
+from rag_models.saved_config import MODES, check_saved_config
 
 CONFIG_NAME = "rag_config.json"
-MODES = ("rag", "closed_book")
 # How a checkpoint reads its inputs: `build_rag_model(init_from=...)` keeps the saved values, since
 # fine-tuning with another input format or truncation would start from inputs the weights never saw.
 INPUT_SETTINGS = ("input_format", "max_source_length", "max_question_length", "max_passage_length", "title_sep",
@@ -80,6 +80,7 @@ def saved_settings(model_dir: str | Path) -> dict[str, Any]:
     except json.JSONDecodeError as err:
         raise InputError(f"unreadable JSON ({err.msg})", path=config_path, line=err.lineno,
                          fix="re-save the model") from err
+    settings = dict(check_saved_config(settings, config_path, build_rag_model))
     settings.pop("mode", None)  # how it was trained (saved_mode), not a setting of the model
     return settings
 
@@ -113,13 +114,17 @@ def load_rag_model(model_dir: str | Path, *, verify: bool | None = None, **overr
 
 
 def saved_mode(model_dir: str | Path) -> str:
-    """How the model in ``model_dir`` was trained: "rag" or "closed_book" ("rag" when not recorded or unreadable)."""
+    """How the model in ``model_dir`` was trained: "rag" or "closed_book" ("rag" when not recorded).
+
+    Raises InputError for a rag_config.json that is no object, or whose ``mode`` is another word.
+    """
+    path = Path(model_dir) / CONFIG_NAME
     try:
-        settings = json.loads((Path(model_dir) / CONFIG_NAME).read_text())
+        settings = json.loads(path.read_text())
     except (OSError, json.JSONDecodeError):
         return "rag"  # loading the model reports a missing or broken directory with its own clear error
-    mode = settings.get("mode", "rag") if isinstance(settings, dict) else "rag"
-    return mode if mode in MODES else "rag"
+    check_saved_config(settings, path, build_rag_model)
+    return settings.get("mode", "rag")
 
 
 def build_rag_model(

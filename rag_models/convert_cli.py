@@ -12,10 +12,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
-from rag_models.errors import InputError
+from rag_models.cli_errors import command
 from rag_models.file_manifest import request_verify
 from rag_models.transformers_rag import PROVENANCE_NAME, export_transformers_rag, import_transformers_rag
 
@@ -46,15 +45,7 @@ def _export_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _run(prog: str, action) -> None:
-    """Run ``action``; an InputError becomes one line on stderr and exit status 2."""
-    try:
-        action()
-    except InputError as err:
-        print(f"{prog}: error: {err}", file=sys.stderr)
-        raise SystemExit(2) from None
-
-
+@command("rag-import")
 def import_main(argv: list[str] | None = None) -> None:
     """Console entry point of ``rag-import``."""
     args = _import_parser().parse_args(argv)
@@ -75,9 +66,10 @@ def import_main(argv: list[str] | None = None) -> None:
         print(f"rag-import: published with {published}; build ours with rag-build-index --from-dataset "
               "(README: Reproduce Lewis et al. with the released checkpoints)")
 
-    _run("rag-import", action)
+    action()
 
 
+@command("rag-export")
 def export_main(argv: list[str] | None = None) -> None:
     """Console entry point of ``rag-export``."""
     args = _export_parser().parse_args(argv)
@@ -89,4 +81,4 @@ def export_main(argv: list[str] | None = None) -> None:
                                       knowledge=args.knowledge)
         print(f"rag-export: {args.model_dir} -> {out} (RagTokenizer + RagSequence/TokenForGeneration.from_pretrained)")
 
-    _run("rag-export", action)
+    action()

@@ -277,13 +277,15 @@ def test_rag_ask_prints_answers_with_supporting_titles(rag_parts, capsys, monkey
     question = rag_parts["questions"][0]
     assert ask_main([*base, "--strategy", "fast", "--refine", "2", "--mmap", question]) == 0
     assert capsys.readouterr().out == first
-    assert ask_main([*base, "--strategy", "fast", "--nprobe", "4", question]) == 2
-    assert "index.nprobe" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as stop:  # every command fails the same way: SystemExit(2), one line
+        ask_main([*base, "--strategy", "fast", "--nprobe", "4", question])
+    assert stop.value.code == 2 and "rag-ask: error:" in (err := capsys.readouterr().err) and "index.nprobe" in err
 
 
 def test_rag_ask_reports_a_missing_checkpoint(rag_parts, capsys, tmp_path):
-    assert ask_main(["--checkpoint", str(tmp_path / "nothing"), "--index", str(rag_parts["index"]), "q?"]) == 2
-    assert "rag-ask:" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as stop:
+        ask_main(["--checkpoint", str(tmp_path / "nothing"), "--index", str(rag_parts["index"]), "q?"])
+    assert stop.value.code == 2 and "rag-ask: error:" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("path", sorted(CONFIGS.glob("*.yaml")), ids=lambda p: p.stem)

@@ -1,7 +1,7 @@
 """The layers of the tree: every import points down, and no two modules import each other (even lazily).
 
-    rag_models -> index -> decoding -> training.config -> training.data -> training.evaluation
-    -> training.lit -> training.demo
+    rag_models -> index -> decoding -> training.config -> training.settings_check -> training.hydra_cli
+    -> training.data -> training.evaluation -> training.lit -> training.demo
 
 A module may import its own layer or any layer before it, never one after it.
 """
@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-LAYERS = ("rag_models", "index", "decoding", "training.config", "training.data", "training.evaluation",
-          "training.lit", "training.demo")
+LAYERS = ("rag_models", "index", "decoding", "training.config", "training.settings_check", "training.hydra_cli",
+          "training.data", "training.evaluation", "training.lit", "training.demo")
 PACKAGES = ("rag_models", "index", "decoding", "training")
 
 

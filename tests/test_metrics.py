@@ -30,7 +30,10 @@ def _write_jsonl(path: Path, records: list[dict]) -> Path:
 
 
 def _run_cli(capsys, *argv: str) -> tuple[int, str, str]:
-    code = score_main(list(argv))
+    try:
+        code = score_main(list(argv))
+    except SystemExit as stop:  # a bad input: one line on stderr, SystemExit(2), as every command
+        code = stop.code
     captured = capsys.readouterr()
     return code, captured.out, captured.err
 

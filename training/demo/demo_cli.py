@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from rag_models.atomic import atomic_write_text
+from rag_models.cli_errors import at_least, command
 from rag_models.errors import InputError
 from training.demo.stages import FULL, QUICK, DemoPlan, run_stages
 
@@ -151,18 +152,18 @@ def run_demo(out: str | Path | None = None, *, quick: bool = False, seed: int = 
     return results
 
 
+@command("rag-demo")
 def main(argv: list[str] | None = None) -> int:
-    """Entry point of ``rag-demo``: run, print the table, say where everything is."""
+    """Entry point of ``rag-demo``: run, print the table, say where everything is; bad input: exit status 2."""
     parser = argparse.ArgumentParser(prog="rag-demo", description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", default=None, help="run directory (default: runs/demo-<timestamp>)")
     parser.add_argument("--quick", action="store_true", help="smoke run: tiny world, a few steps (under a minute)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the world and the models (default: 0)")
+    parser.add_argument("--seed", type=at_least(0), default=0, help="seed of the world and the models (default: 0)")
     options = parser.parse_args(argv)
-    try:
-        results = run_demo(options.out, quick=options.quick, seed=options.seed)
-    except InputError as err:
-        print(f"rag-demo: error: {err}", file=sys.stderr)
-        return 2
+    if options.out is not None and Path(options.out).exists() and not Path(options.out).is_dir():
+        raise InputError("exists and is not a directory", path=options.out,
+                         fix="Pass --out a new or existing directory")
+    results = run_demo(options.out, quick=options.quick, seed=options.seed)
     print("\n" + render_table(results))
     if results["quick"]:
         print("(--quick: a smoke run of every stage; its numbers are not the demo's targets)")

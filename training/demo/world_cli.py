@@ -4,7 +4,9 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from pathlib import Path
 
+from rag_models.cli_errors import command
 from rag_models.errors import InputError
 from training.demo.world import write_world
 
@@ -33,23 +35,24 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+@command("rag-make-world")
 def main(argv: list[str] | None = None) -> None:
-    """Write the world and print where it went and what it holds."""
+    """Write the world and print where it went and what it holds; a bad setting: one line, exit status 2."""
     parser = build_parser()
     args = parser.parse_args(argv)
     start = time.perf_counter()
-    try:
-        files = write_world(
-            args.out,
-            seed=args.seed,
-            n_entities=args.n_entities,
-            n_dev=args.n_dev,
-            n_test=args.n_test,
-            change_fraction=args.change_fraction,
-            n_hard_negatives=args.n_hard_negatives,
-        )
-    except InputError as err:  # a bad setting (named as in write_world, e.g. n_entities for --entities)
-        parser.error(str(err))
+    if Path(args.out).exists() and not Path(args.out).is_dir():
+        raise InputError("exists and is not a directory", path=args.out, fix="Pass --out a new or existing directory")
+    # a bad setting is named as in write_world (e.g. n_entities for --entities)
+    files = write_world(
+        args.out,
+        seed=args.seed,
+        n_entities=args.n_entities,
+        n_dev=args.n_dev,
+        n_test=args.n_test,
+        change_fraction=args.change_fraction,
+        n_hard_negatives=args.n_hard_negatives,
+    )
     summary = json.loads(files.summary.read_text(encoding="utf-8"))
     entities, questions, v2 = summary["entities"], summary["questions"], summary["v2"]
     print(f"demo world (seed {summary['seed']}) written to {files.root} in {time.perf_counter() - start:.1f} s")

@@ -20,12 +20,14 @@ from typing import Any
 import hydra
 from omegaconf import DictConfig
 
-from rag_models.errors import InputError
+from rag_models.cli_errors import command, reported
 from rag_models.file_manifest import request_verify
 from rag_models.leftovers import sweep_stale
 from training.config import CONFIG_DIR
 from training.evaluation.job import EvalJob, check_job, job_from_config, load_examples
 from training.evaluation.processes import launch
+from training.hydra_cli import precheck
+from training.settings_check import check_settings
 
 SHOWN = ("exact_match", "f1", "recall@1", "recall@5", "recall@20", "recall@100", "exact_match_stale", "num_total")
 
@@ -37,6 +39,7 @@ def evaluate(job: DictConfig | EvalJob) -> dict[str, Any]:
     settings or input files, before any model is loaded or any process started.
     """
     if isinstance(job, DictConfig):
+        check_settings(job, "eval")
         job = job_from_config(job)
     check_job(job)
     request_verify(job.verify)  # the processes started below inherit it
@@ -56,19 +59,18 @@ def summary_line(metrics: dict[str, Any]) -> str:
 @hydra.main(config_path=str(CONFIG_DIR), config_name="eval", version_base=None)
 def _app(cfg: DictConfig) -> None:
     """The Hydra application: evaluate and print where the files went."""
-    try:
+    with reported("rag-eval"):
         metrics = evaluate(cfg)
-    except InputError as err:
-        print(f"rag-eval: error: {err}", file=sys.stderr)
-        sys.exit(2)
     if metrics:  # rank 0 (under torchrun the other ranks have nothing to print)
         print(f"decoding: {metrics['decoding_summary']}")
         print(f"{summary_line(metrics)} ({metrics['seconds']:.1f} s)")
         print(f"wrote {cfg.out_dir}/predictions.jsonl, metrics.json, report.md")
 
 
+@command("rag-eval")
 def main() -> None:
-    """Console entry point ``rag-eval``; Hydra overrides as arguments."""
+    """Console entry point ``rag-eval``; Hydra overrides as arguments, checked before Hydra starts."""
+    precheck(sys.argv[1:], "eval")
     _app()
 
 

@@ -112,7 +112,7 @@ def job_from_config(cfg: DictConfig) -> EvalJob:
         # The top-level n_docs wins; one added to the decoding group (+decoding.n_docs=N) counts too.
         decoding=replace(decoding, n_docs=None),
         mode=cfg.get("mode") or saved_mode(checkpoint),  # null: as the checkpoint was trained
-        n_docs=cfg.get("n_docs") or decoding.n_docs,
+        n_docs=cfg.get("n_docs") if cfg.get("n_docs") is not None else decoding.n_docs,  # 0 is refused, not None
         split=cfg.get("split", "validation"),
         batch_size=int(cfg.get("batch_size", 16)),
         recall_depth=int(cfg.get("recall_depth", 100)),
@@ -144,7 +144,7 @@ def check_job(job: EvalJob) -> None:
                            ("trainer.devices", job.devices), ("n_docs", job.n_docs), ("limit", job.limit),
                            *((name, getattr(job, name)) for name in LENGTH_SETTINGS)):
         if value is not None and int(value) < 1:
-            raise InputError(f"{value} must be at least 1", setting=setting)
+            raise InputError(f"{value} must be at least 1", setting=setting, fix="Give 1 or more")
 
 
 def load_examples(job: EvalJob) -> list[QAExample]:

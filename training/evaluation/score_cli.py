@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from index.passage_files import iter_lines
+from rag_models.cli_errors import command
 from rag_models.errors import InputError
 from rag_models.file_manifest import check_file
 from training.data.questions import QAExample, read_questions, refuse_repeats
@@ -104,14 +105,11 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+@command("rag-score")
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``rag-score``: prints the scores as JSON; exit status 2 on bad input."""
     options = _parser().parse_args(argv)
-    try:
-        scores = score_files(options.references, options.predictions, regex=options.regex)
-    except InputError as err:
-        print(f"rag-score: error: {err}", file=sys.stderr)
-        return 2
+    scores = score_files(options.references, options.predictions, regex=options.regex)
     print(json.dumps(scores))
     return 0
 

@@ -23,6 +23,7 @@ import torch
 import torch.distributed as dist
 
 from rag_models.errors import InputError
+from training.lit.resume_check import check_same_run, run_identity
 
 
 def capture_rng_state() -> dict[str, Any]:
@@ -74,7 +75,8 @@ class ResumeCallback(pl.Callback):
     The datamodule must implement ``resume_at(epoch, consumed_batches)``, which positions
     its `ResumableSampler` before the train dataloader is first iterated. Takes no constructor arguments.
 
-    Raises InputError on resume when the datamodule has no ``resume_at``.
+    Raises InputError on resume when the datamodule has no ``resume_at``, or when the checkpoint was
+    written with other training data, batch size or seed (`training.lit.resume_check`).
     """
 
     def __init__(self) -> None:
@@ -106,7 +108,8 @@ class ResumeCallback(pl.Callback):
     def state_dict(self) -> dict[str, Any]:
         """Position and RNG of every rank, taken when the checkpoint is written (all ranks call this)."""
         rank_states = _gather(capture_rng_state())
-        return {"epoch": self._epoch, "consumed_batches": self._consumed_batches, "rng": rank_states}
+        run = run_identity(self._datamodule, self._world) if self._datamodule is not None else {}
+        return {"epoch": self._epoch, "consumed_batches": self._consumed_batches, "rng": rank_states, "run": run}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Position the datamodule's sampler now; keep the RNG until the first resumed batch."""
@@ -116,6 +119,7 @@ class ResumeCallback(pl.Callback):
             raise InputError("exact resume needs a datamodule with resume_at(epoch, consumed_batches)",
                              setting="data._target_",
                              fix="use training.data.qa_datamodule.QADataModule or DprDataModule")
+        check_same_run(state_dict.get("run"), run_identity(self._datamodule, self._world))
         self._datamodule.resume_at(self._epoch, self._consumed_batches)
         states = state_dict["rng"]
         # A resume on another world size cannot be exact; each rank then takes rank 0's streams.

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
+import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -19,17 +20,21 @@ from typing import Any
 import hydra
 import lightning.pytorch as pl
 from hydra.core.hydra_config import HydraConfig
+from lightning.pytorch.callbacks import LearningRateMonitor
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from rag_models.atomic import atomic_write_text
+from rag_models.cli_errors import command, reported
 from rag_models.errors import InputError
 from rag_models.file_manifest import request_verify
 from rag_models.leftovers import sweep_stale
 from rag_models.lifeline import tie_to_launcher
 from training.config import CONFIG_DIR, instantiate, instantiate_all
+from training.hydra_cli import precheck
 from training.lit.checkpoint_io import safe_torch_load
 from training.lit.last_checkpoint import order_checkpoints
+from training.settings_check import check_settings
 
 EXPORTS = ("last", "best")
 log = logging.getLogger(__name__)
@@ -79,7 +84,18 @@ def _check(cfg: DictConfig) -> Path:
                          fix="pass paths.run_dir=DIR (rag-train sets it to Hydra's run dir)")
     if cfg.export not in EXPORTS:
         raise InputError(f"export={cfg.export!r}", setting="export", fix=f"use one of {EXPORTS}")
+    check_settings(cfg, "train")
     return Path(cfg.paths.run_dir)
+
+
+def _without_logger_needs(callbacks: list[pl.Callback], loggers: list[Any]) -> list[pl.Callback]:
+    """The callbacks, less those that need a logger (the learning-rate monitor) when ``logger=none``."""
+    if loggers:
+        return callbacks
+    kept = [callback for callback in callbacks if not isinstance(callback, LearningRateMonitor)]
+    if len(kept) < len(callbacks):
+        log.info("logger=none: the learning rates are not recorded (LearningRateMonitor needs a logger)")
+    return kept
 
 
 def train(cfg: DictConfig, *, extra_callbacks: list[pl.Callback] | None = None) -> TrainResult:
@@ -94,8 +110,9 @@ def train(cfg: DictConfig, *, extra_callbacks: list[pl.Callback] | None = None) 
     pl.seed_everything(cfg.seed, workers=True)
     datamodule = instantiate(cfg.data)
     module = instantiate(cfg.module)
-    callbacks = order_checkpoints(instantiate_all(cfg.get("callbacks")) + list(extra_callbacks or []))
     loggers = instantiate_all(cfg.get("logger"))
+    callbacks = _without_logger_needs(instantiate_all(cfg.get("callbacks")) + list(extra_callbacks or []), loggers)
+    callbacks = order_checkpoints(callbacks)  # last.ckpt after best.ckpt (training/lit/last_checkpoint.py)
     trainer: pl.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
     if trainer.is_global_zero:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -126,16 +143,28 @@ def _has_test_data(datamodule: pl.LightningDataModule) -> bool:
 
 
 @hydra.main(config_path=str(CONFIG_DIR), config_name="train", version_base=None)
-def main(cfg: DictConfig) -> None:
-    """Console entry point ``rag-train``; any Hydra override, e.g. ``experiment=demo trainer.max_steps=50``."""
+def _app(cfg: DictConfig) -> None:
+    """The Hydra application: train, then print where the model went (errors reported inside, not by Hydra)."""
     tie_to_launcher()  # the DDP ranks Lightning starts die with this process, kill -9 included
-    if cfg.paths.run_dir is None:
-        with open_dict(cfg):
-            cfg.paths.run_dir = HydraConfig.get().runtime.output_dir
-    result = train(cfg)
+    with reported("rag-train"):
+        if cfg.paths.run_dir is None:
+            with open_dict(cfg):
+                cfg.paths.run_dir = HydraConfig.get().runtime.output_dir
+        result = train(cfg)
     shown = {k: round(v, 4) for k, v in sorted(result.metrics.items()) if k.startswith(("val/", "test/"))}
     log.info("exported %s; metrics %s", result.export_dir, shown)
     print(f"model: {result.export_dir}\nmetrics: {json.dumps(shown)}")
+
+
+@command("rag-train")
+def main() -> None:
+    """Console entry point ``rag-train``; any Hydra override, e.g. ``experiment=demo trainer.max_steps=50``.
+
+    The overrides are composed and checked first (`training.hydra_cli.precheck`): a bad setting is one line
+    on stderr and exit status 2, before Hydra creates the run directory.
+    """
+    precheck(sys.argv[1:], "train")
+    _app()
 
 
 if __name__ == "__main__":
