@@ -139,7 +139,10 @@ def _run(row: Row, copies: dict[str, Path], capsys) -> tuple[int, str]:
     model, index, questions = copies["model"], copies["index"], copies["questions"]
     if row.command.startswith("ask"):
         argv = ["--checkpoint", str(model), "--index", str(index), "--device", "cpu", "who founded it?"]
-        code = ask_main(argv + (["--verify"] if row.command == "ask-verify" else []))
+        try:  # every command exits 2 on bad input (rag_models/cli_errors.py)
+            code = ask_main(argv + (["--verify"] if row.command == "ask-verify" else []))
+        except SystemExit as exited:
+            code = int(exited.code)
         return code, capsys.readouterr().err
     if row.command.startswith("eval"):
         try:
@@ -149,7 +152,11 @@ def _run(row: Row, copies: dict[str, Path], capsys) -> tuple[int, str]:
             return int(exited.code), capsys.readouterr().err
         return 0, capsys.readouterr().err
     if row.command == "score":
-        code = score_main(["--predictions", str(copies["eval"] / "predictions.jsonl"), "--references", str(questions)])
+        try:
+            code = score_main(["--predictions", str(copies["eval"] / "predictions.jsonl"),
+                               "--references", str(questions)])
+        except SystemExit as exited:
+            code = int(exited.code)
         return code, capsys.readouterr().err
     loaders = {"store": lambda: PassageStore.open(index / "passages"), "shards": lambda: load_shards(copies["shards"]),
                "ckpt": lambda: safe_torch_load(copies["ckpt"])}

@@ -12,9 +12,10 @@ from rag_models.text_limits import CHARS_PER_TOKEN, clip_for_tokens
 
 @pytest.mark.parametrize("question", ["   ", ""])
 def test_rag_ask_refuses_a_blank_question_before_loading_anything(tmp_path, capsys, question):
-    code = ask_main(["--checkpoint", str(tmp_path / "absent"), "--index", str(tmp_path / "absent"), "who?", question])
+    with pytest.raises(SystemExit) as exited:  # every command exits 2 on bad input (rag_models/cli_errors.py)
+        ask_main(["--checkpoint", str(tmp_path / "absent"), "--index", str(tmp_path / "absent"), "who?", question])
     err = capsys.readouterr().err
-    assert code == 2 and "setting `questions`: question 2 of the command line is" in err
+    assert exited.value.code == 2 and "setting `questions`: question 2 of the command line is" in err
     assert ("empty" if not question else "blank") in err and "Traceback" not in err
 
 
