@@ -88,8 +88,9 @@ def test_node_1_takes_its_device_from_the_local_rank(monkeypatch: pytest.MonkeyP
 
 def test_node_1_evaluates_its_share_as_global_rank_1(node_1, monkeypatch: pytest.MonkeyPatch):
     calls = []
-    monkeypatch.setattr(processes, "run_rank", lambda job, rank, world, local_rank: calls.append(
+    monkeypatch.setattr(processes, "run_rank", lambda job, rank, world, local_rank, **kwargs: calls.append(
         (rank, world, local_rank)))
+    monkeypatch.setattr(processes, "tie_to_launcher", lambda: None)  # not this pytest process to its parent
     assert processes.launch(object()) == {}  # rank 1 returns no metrics and writes nothing
     assert calls == [(1, 2, 0)]
 
@@ -97,6 +98,11 @@ def test_node_1_evaluates_its_share_as_global_rank_1(node_1, monkeypatch: pytest
 def test_multinode_trainer_reads_global_local_and_node_rank(monkeypatch: pytest.MonkeyPatch, tmp_path: Path):
     for name, value in NODE_1.items():
         monkeypatch.setenv(name, value)
+    # Lightning sets the process-wide rank_zero_only.rank to the trainer's global rank: restored after the test,
+    # or every later test of this session would run as rank 1 (loggers and checkpoints silently off).
+    from lightning_utilities.core.rank_zero import rank_zero_only
+
+    monkeypatch.setattr(rank_zero_only, "rank", rank_zero_only.rank)
     cfg = compose(["experiment=demo", f"paths.run_dir={tmp_path}", "trainer=multinode", "trainer.accelerator=cpu",
                    "trainer.devices=1", "trainer.precision=32-true"])
     assert cfg.trainer.num_nodes == 2
