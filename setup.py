@@ -12,6 +12,7 @@ setup(
     description="End-to-end trainable retrieval-augmented generation (RAG-Sequence, RAG-Token).",
     python_requires=">=3.10",
     packages=find_packages(include=["rag_models", "index", "decoding", "training", "training.*"]),
+    package_data={"training.evaluation": ["templates/*.j2"]},  # report.html's template
     install_requires=[
         "torch>=2.2",
         "transformers>=5.0",
@@ -25,6 +26,8 @@ setup(
         "tqdm>=4.66",
         "psutil>=5.9",
         "pypdf>=5.0",  # rag-build-index --documents: text of PDF pages (pure Python)
+        "matplotlib>=3.8",  # rag-eval's figures (Agg backend, PNG and SVG)
+        "jinja2>=3.1",  # rag-eval's report.html
     ],
     extras_require={
         "dev": ["pytest>=8", "ruff>=0.15"],
