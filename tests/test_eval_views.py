@@ -271,3 +271,26 @@ def test_report_html_holds_every_question_and_highlights_recall_matches(sweep):
     assert "<script" not in html and "http" not in html.replace(str(run), "")  # no script, nothing fetched
     for name in ("f-wrong", "f-right", "f-notretrieved", "f-notread", "o-down"):
         assert f'id="{name}"' in html
+
+
+def test_rag_ask_says_no_confident_answer_with_its_best_guess(parts, capsys, tmp_path):
+    from decoding.ask_cli import main as ask_main
+
+    question = json.loads(parts["setup"].world.test.read_text().splitlines()[0])["question"]
+    base = ["--checkpoint", str(parts["checkpoint"]), "--index", str(parts["index"]), "--max-length", "6", question]
+    assert ask_main(base) == 0
+    plain = capsys.readouterr().out
+    guess = plain.splitlines()[1].split("    [score ")[0][len("A: "):]
+    assert ask_main([*base, "--abstain-below", "0"]) == 0  # a log-probability is never above 0
+    out = capsys.readouterr().out
+    assert f"A: no confident answer (best guess: {guess}    [score " in out and "from: " in out
+    assert ask_main([*base, "--abstain-below=-1e9"]) == 0
+    assert capsys.readouterr().out == plain
+    assert ask_main([*base, "--abstain-below", "1.01", "--abstain-on", "posterior"]) == 0
+    assert "no confident answer" in capsys.readouterr().out
+    saved = tmp_path / "threshold.json"
+    saved.write_text(json.dumps({"threshold": 0.0, "abstain_on": "score"}))
+    assert ask_main([*base, "--abstain-below", str(saved)]) == 0
+    assert "no confident answer" in capsys.readouterr().out
+    assert ask_main([*base, "--abstain-below", str(tmp_path / "missing.json")]) == 2
+    assert "threshold file" in capsys.readouterr().err
