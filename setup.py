@@ -42,6 +42,7 @@ setup(
             "rag-train=training.lit.train_cli:main",
             "rag-eval=training.evaluation.eval_cli:main",
             "rag-score=training.evaluation.score_cli:main",
+            "rag-compare=training.evaluation.compare_cli:main",
             "rag-ask=decoding.ask_cli:main",
             "rag-import=rag_models.convert_cli:import_main",
             "rag-export=rag_models.convert_cli:export_main",
