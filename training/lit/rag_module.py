@@ -110,6 +110,10 @@ class RagLitModule(pl.LightningModule):
         self.retriever: Retriever | None = None
         self._losses = {"rag": self._rag_loss, "closed_book": self._closed_book_loss}[mode]
         self._sums: dict[str, float] = defaultdict(float)
+        # This rank's answer ranks of the running val/test epoch (None: no answer within eval_depth), for the
+        # recall@k-vs-k figure (training/lit/recall_figure.py); cleared when the epoch's metrics are logged.
+        self.eval_ranks: list[int | None] = []
+        self.eval_depth = 0
         # Scalars only: checkpoints must load with weights_only=True.
         self.train()  # checkpoints load in eval mode; Lightning keeps whatever mode it finds
         self.save_hyperparameters({"mode": mode, "marginalization": model.marginalization, "n_docs": model.n_docs,
@@ -205,6 +209,8 @@ class RagLitModule(pl.LightningModule):
         if retrieval is not None:
             depth = retrieval.docs.n_docs
             ranks = answer_ranks(references, [retrieval.docs.texts[i] for i in real])
+            self.eval_ranks.extend(ranks)
+            self.eval_depth = depth
         sums = batch_sums([answers[i].text for i in real], references, ranks, self.recall_ks, depth)
         for key, value in sums.items():
             self._sums[key] += value
@@ -229,6 +235,7 @@ class RagLitModule(pl.LightningModule):
         for key, value in sums.items():
             self.log(f"{stage}/{key}", value / count, prog_bar=key == "em", sync_dist=False, rank_zero_only=False)
         self._sums.clear()
+        self.eval_ranks.clear()
 
     def on_validation_epoch_end(self) -> None:
         self._log_eval("val")
