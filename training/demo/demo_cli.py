@@ -66,6 +66,7 @@ def collect_results(metrics: dict[str, dict[str, Any]], stage_seconds: dict[str,
         "train_seconds": train_seconds or {},  # each model's training, run in parallel within stage `train`
         "resumed_stages": resumed or [],  # reused from an earlier, killed run: their time is not in `seconds`
         "quick": quick,
+        "views": metrics.get("views"),  # sweeps, figures, report.html files, the comparison (training/demo/views.py)
         "seed": seed,
         "world": {"entities": plan.n_entities, "dev_towns": plan.n_dev, "test_towns": plan.n_test,
                   "change_fraction": plan.change_fraction},
@@ -113,6 +114,10 @@ def render_table(results: dict[str, Any]) -> str:
     if results["train_seconds"]:
         each = ", ".join(f"{name} {seconds:.0f}s" for name, seconds in results["train_seconds"].items())
         lines.append(f"training in parallel: {each}")
+    if results.get("views"):
+        from training.demo.views import render_views
+
+        lines += render_views(results["views"])
     if results["resumed_stages"]:
         lines.append(f"resumed run: {', '.join(results['resumed_stages'])} reused from an earlier run "
                      "(their time is not counted)")

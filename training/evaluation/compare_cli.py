@@ -119,6 +119,14 @@ def _md(text: str) -> str:
     return str(text).replace("|", "\\|").replace("\n", " ")
 
 
+def write_comparison(out: Path, result: dict[str, Any], show: int = 20) -> str:
+    """Write ``out``/compare.md and compare.json (atomically); returns the markdown."""
+    text = render_markdown(result, show)
+    atomic_write_text(out / "compare.md", text)
+    atomic_write_text(out / "compare.json", json.dumps(result, indent=2, ensure_ascii=False) + "\n")
+    return text
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``rag-compare``; exit status 2 on bad input."""
     parser = argparse.ArgumentParser(prog="rag-compare", description=__doc__.split("\n\n")[0])
@@ -133,9 +141,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"rag-compare: error: {err}", file=sys.stderr)
         return 2
     out = args.out or args.dirs[0].resolve().parent / "compare"
-    text = render_markdown(result, args.show)
-    atomic_write_text(out / "compare.md", text)
-    atomic_write_text(out / "compare.json", json.dumps(result, indent=2, ensure_ascii=False) + "\n")
+    text = write_comparison(out, result, args.show)
     print(text)
     print(f"wrote {out / 'compare.md'}, {out / 'compare.json'}")
     return 0

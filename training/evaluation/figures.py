@@ -85,7 +85,7 @@ def em_vs_n_docs(series: Mapping[str, Sequence[Mapping[str, Any]]], out_dir: Pat
     axes.set_xscale("log")
     all_x = sorted({m["n_docs"] for points in usable.values() for m in points})
     axes.set_xticks(all_x, [str(x) for x in all_x])
-    axes.set(xlabel="documents read (n_docs)", ylabel="score", title=title)
+    axes.set(xlabel="documents read (n_docs)", ylabel="score", title=title, ylim=(-0.02, 1.05))
     axes.grid(alpha=0.3)
     axes.legend(fontsize="small")
     return _save(figure, out_dir, name, title)
@@ -159,7 +159,7 @@ def risk_coverage(coverage: Sequence[float], em: Sequence[float], area: float, o
 
 def index_swap(bars: Mapping[str, tuple[float, float]], out_dir: Path, name: str = "index_swap") -> Drawn:
     """Grouped bars: for each stage (e.g. "v1 index", "v2 index"), EM against the new and against the old answers."""
-    title = "Changed questions: EM against the new and the old answers"
+    title = "Changed questions: EM vs new and old answers"
     if not bars:
         return Drawn(name, title, note="no evaluation of changed questions")
     figure = _new_figure()
@@ -172,6 +172,6 @@ def index_swap(bars: Mapping[str, tuple[float, float]], out_dir: Path, name: str
         drawn = axes.bar(xs, values, width, color=colour, label=f"EM vs {which}")
         axes.bar_label(drawn, fmt="%.2f", fontsize="small")
     axes.set_xticks(range(len(labels)), labels)
-    axes.set(ylabel="exact match", title=title, ylim=(0, 1.12))
-    axes.legend(fontsize="small", loc="upper center")
+    axes.set(ylabel="exact match", title=title, ylim=(0, 1.3), yticks=[0, 0.2, 0.4, 0.6, 0.8, 1.0])
+    axes.legend(fontsize="small", loc="upper center", ncols=2)
     return _save(figure, out_dir, name, title)
