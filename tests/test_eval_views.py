@@ -133,6 +133,12 @@ def test_eval_writes_figures_and_embeds_them(sweep):
     assert "passage_texts" not in (run / "predictions.jsonl").read_text()  # kept in memory for report.html only
 
 
+def test_figures_false_draws_nothing(parts, tmp_path):
+    _run(parts, tmp_path / "plain", "figures=false", "limit=2")
+    assert sorted(p.name for p in (tmp_path / "plain").iterdir() if p.suffix in (".png", ".svg", ".html")) == []
+    assert "## Figures" not in (tmp_path / "plain" / "report.md").read_text()
+
+
 def test_closed_book_says_what_is_not_drawn(parts, tmp_path):
     _run(parts, tmp_path / "cb", "mode=closed_book", "limit=2")
     report = (tmp_path / "cb" / "report.md").read_text()

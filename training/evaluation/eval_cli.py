@@ -24,7 +24,6 @@ from rag_models.errors import InputError
 from training.config import CONFIG_DIR
 from training.evaluation.job import EvalJob, check_job, job_from_config, load_examples
 from training.evaluation.processes import launch
-from training.evaluation.sweep import evaluate_sweep, sweep_values
 
 SHOWN = ("exact_match", "f1", "recall@1", "recall@5", "recall@20", "recall@100", "exact_match_stale", "num_total")
 
@@ -36,6 +35,8 @@ def evaluate(job: DictConfig | EvalJob) -> dict[str, Any]:
     sweep (training/evaluation/sweep.py): returns its summary (``out_dir/summary.json``). Raises
     InputError for bad settings or input files, before any model is loaded or any process started.
     """
+    from training.evaluation.sweep import evaluate_sweep, sweep_values
+
     values = None
     if isinstance(job, DictConfig):
         values = sweep_values(job.get("n_docs"))
@@ -67,7 +68,8 @@ def _app(cfg: DictConfig) -> None:
     elif metrics:  # rank 0 (under torchrun the other ranks have nothing to print)
         print(f"decoding: {metrics['decoding_summary']}")
         print(f"{summary_line(metrics)} ({metrics['seconds']:.1f} s)")
-        print(f"wrote {cfg.out_dir}/predictions.jsonl, metrics.json, report.md")
+        views = ", report.html, figures (PNG, SVG)" if cfg.get("figures", True) else ""
+        print(f"wrote {cfg.out_dir}/predictions.jsonl, metrics.json, report.md{views}")
 
 
 def main() -> None:
