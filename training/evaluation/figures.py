@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from rag_models.atomic import atomic_file
+from training.evaluation.metrics import recall_hit_curve
 
 FORMATS = ("png", "svg")
 
@@ -93,17 +94,7 @@ def em_vs_n_docs(series: Mapping[str, Sequence[Mapping[str, Any]]], out_dir: Pat
 
 def recall_curve(ranks: Sequence[int | None], depth: int) -> list[float]:
     """recall@k for k = 1..depth: the fraction of questions whose first answer-holding passage ranks below k."""
-    if not ranks:
-        return []
-    hits = [0] * (depth + 1)
-    for rank in ranks:
-        if rank is not None and rank < depth:
-            hits[rank + 1] += 1
-    curve, total = [], 0
-    for k in range(1, depth + 1):
-        total += hits[k]
-        curve.append(total / len(ranks))
-    return curve
+    return [hits / len(ranks) for hits in recall_hit_curve(ranks, depth)] if ranks else []
 
 
 def recall_at_k(ranks: Sequence[int | None] | None, depth: int, out_dir: Path, name: str = "recall_at_k") -> Drawn:

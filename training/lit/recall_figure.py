@@ -15,18 +15,7 @@ import numpy as np
 import torch
 from lightning.pytorch.loggers import TensorBoardLogger
 
-
-def hit_counts(ranks: list[int | None], depth: int) -> list[int]:
-    """Questions whose answer ranks below k, for k = 1..depth (one count per k)."""
-    counts = [0] * depth
-    for rank in ranks:
-        if rank is not None and rank < depth:
-            counts[rank] += 1
-    running, total = [], 0
-    for count in counts:
-        total += count
-        running.append(total)
-    return running
+from training.evaluation.metrics import recall_hit_curve
 
 
 class RecallFigure(pl.Callback):
@@ -37,7 +26,8 @@ class RecallFigure(pl.Callback):
         if trainer.sanity_checking or ranks is None or depth < 1:
             return
         # Every rank joins the sum (a collective), rank 0 draws.
-        local = torch.tensor([len(ranks), *hit_counts(ranks, depth)], dtype=torch.float64, device=pl_module.device)
+        counts = [len(ranks), *recall_hit_curve(ranks, depth)]  # (1 + depth,): questions, then hits at k = 1..depth
+        local = torch.tensor(counts, dtype=torch.float64, device=pl_module.device)
         totals = trainer.strategy.reduce(local, reduce_op="sum").tolist()  # (1 + depth,)
         loggers = [logger for logger in trainer.loggers if isinstance(logger, TensorBoardLogger)]
         if not trainer.is_global_zero or not loggers or totals[0] == 0:
