@@ -24,6 +24,7 @@ from typing import TextIO
 
 import torch
 
+from decoding.abstain import answer_confidence, read_threshold
 from decoding.answer import STRATEGIES, Answer, DecodingSettings, answer
 from decoding.retrieve import RetrieverLike
 from rag_models.errors import InputError
@@ -72,11 +73,7 @@ def _support(candidate: Answer, top_docs: int, sources: Sequence[str]) -> str:
 
 def is_confident(found: Answer, abstain: tuple[float, str] | None) -> bool:
     """Whether ``found`` is answered: no ``abstain`` (threshold, "score" | "posterior"), or confidence >= threshold."""
-    if abstain is None:
-        return True
-    threshold, on = abstain
-    value = found.score if on == "score" else max(found.posteriors, default=0.0)
-    return value >= threshold
+    return abstain is None or answer_confidence(found, abstain[1]) >= abstain[0]
 
 
 def format_answer(question: str, found: Answer, top_docs: int, sources: Sequence[str] = (),
@@ -93,8 +90,8 @@ def format_answer(question: str, found: Answer, top_docs: int, sources: Sequence
         support = _support(candidate, top_docs, sources)
         if rank == 0 and not is_confident(candidate, abstain):
             on = abstain[1] if abstain else "score"
-            shown = f"top passage posterior {max(candidate.posteriors, default=0.0):.3f}" if on == "posterior" \
-                else f"score {candidate.score:.3f}"
+            name = "top passage posterior" if on == "posterior" else "score"
+            shown = f"{name} {answer_confidence(candidate, on):.3f}"
             lines.append(f"{label} no confident answer (best guess: {candidate.text}    [{shown}, under "
                          f"{abstain[0]:.3f}])")
         else:
@@ -149,7 +146,6 @@ def main(argv: list[str] | None = None) -> int:
         # Imported here so that `rag-ask --help` answers without loading torch models or faiss.
         from index.settings import IndexSettings
         from rag_models.checkpoint import load_rag_model
-        from training.evaluation.selective import read_threshold
 
         abstain = None if args.abstain_below is None else read_threshold(args.abstain_below, args.abstain_on)
         model = load_rag_model(args.checkpoint).to(args.device).eval()

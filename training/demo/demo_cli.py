@@ -24,6 +24,7 @@ from typing import Any
 from rag_models.atomic import atomic_write_text
 from rag_models.errors import InputError
 from training.demo.stages import FULL, QUICK, DemoPlan, run_stages
+from training.demo.views import demo_views, render_views
 
 # (key in results.json, label in the table, comparison, threshold): the demo's targets on 2 CPU cores.
 TARGETS = (
@@ -115,8 +116,6 @@ def render_table(results: dict[str, Any]) -> str:
         each = ", ".join(f"{name} {seconds:.0f}s" for name, seconds in results["train_seconds"].items())
         lines.append(f"training in parallel: {each}")
     if results.get("views"):
-        from training.demo.views import render_views
-
         lines += render_views(results["views"])
     if results["resumed_stages"]:
         lines.append(f"resumed run: {', '.join(results['resumed_stages'])} reused from an earlier run "
@@ -148,6 +147,8 @@ def run_demo(out: str | Path | None = None, *, quick: bool = False, seed: int = 
     _check_run_dir(out, plan, seed)
     started = time.perf_counter()
     metrics, clock = run_stages(out, plan, seed)
+    metrics["views"] = clock.run("views", "n_docs sweeps, figures, RAG-Sequence vs RAG-Token (rag-compare)",
+                                 lambda: demo_views(out, plan, metrics))
     results = collect_results(metrics, clock.seconds, seconds=time.perf_counter() - started, plan=plan,
                               quick=quick, seed=seed, resumed=clock.resumed, train_seconds=clock.each)
     results["run_dir"] = str(out)

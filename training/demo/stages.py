@@ -5,9 +5,8 @@
 
 Everything lands under one demo directory laid out as ``configs/train.yaml``'s
 ``paths.demo_dir`` expects: ``world/``, ``tiny/``, ``dpr/model/``, ``index/``,
-one run directory per trained model, ``index_v2/`` and ``eval/<name>/``; then the n_docs sweeps, figures
-and the RAG-Sequence vs RAG-Token comparison (training/demo/views.py): ``eval/sweep_*/``, ``eval/figures/``,
-``eval/compare/``.
+one run directory per trained model, ``index_v2/`` and ``eval/<name>/``. rag-demo then runs the n_docs
+sweeps, figures and the RAG-Sequence vs RAG-Token comparison (training/demo/views.py).
 """
 from __future__ import annotations
 
@@ -308,12 +307,6 @@ def run_stages(out: Path, plan: DemoPlan, seed: int) -> tuple[dict[str, dict[str
                          lambda: index_stage(out, world.v2_passages, context_encoder, "index_v2", plan))
     metrics = clock.run("evaluate", "evaluation on held-out test questions, then after the index swap",
                         lambda: evaluate_all(out, world, runs, index_v1, index_v2, plan))
-    from training.demo.views import demo_views  # it uses this module's helpers
-
-    checkpoints = {name: runs[name].export_dir for name in ("rag_sequence", "rag_token")}
-    metrics["views"] = clock.run("views", "n_docs sweeps, figures, RAG-Sequence vs RAG-Token (rag-compare)",
-                                 lambda: demo_views(out, checkpoints, world.test, index_v1, plan.sweep_n_docs,
-                                                    plan.eval_overrides, metrics))
     return metrics, clock
 
 

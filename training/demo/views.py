@@ -14,7 +14,8 @@ from typing import Any
 
 from rag_models.atomic import atomic_write_text
 from training.config import compose
-from training.demo.stages import override
+from training.demo.stages import DemoPlan, finished_training, override
+from training.demo.world import world_files
 from training.evaluation import figures
 from training.evaluation.compare_cli import compare, write_comparison
 from training.evaluation.eval_cli import evaluate
@@ -34,11 +35,17 @@ def sweep_stage(out: Path, name: str, checkpoint: Path, questions: Path, index: 
     return summary
 
 
-def demo_views(out: Path, checkpoints: dict[str, Path], questions: Path, index: Path, values: tuple[int, ...],
-               eval_overrides: tuple[str, ...], metrics: dict[str, dict[str, Any]]) -> dict[str, Any]:
-    """Sweeps, figures and the comparison; returns what results.json records of them (paths relative to ``out``)."""
-    sweeps = {name: sweep_stage(out, name, checkpoints[name], questions, index, DECODERS[name][1], values,
-                                eval_overrides) for name in DECODERS}
+def demo_views(out: Path, plan: DemoPlan, metrics: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """Sweeps, figures and the comparison of the demo in ``out`` (its stages done, ``metrics`` their evaluations).
+
+    Returns what results.json records of them (paths relative to ``out``).
+    """
+    values, questions = plan.sweep_n_docs, world_files(out / "world").test
+    sweeps = {}
+    for name, (_, decoding) in DECODERS.items():
+        checkpoint = finished_training(out / name).export_dir
+        sweeps[name] = sweep_stage(out, name, checkpoint, questions, out / "index", decoding, values,
+                                   plan.eval_overrides)
     figure_dir = out / "eval" / "figures"
     series = {f"{DECODERS[name][0]} ({summary['strategy']})": summary["runs"] for name, summary in sweeps.items()}
     before, swap, swap_token = metrics["before_swap"], metrics["swap"], metrics["swap_rag_token"]

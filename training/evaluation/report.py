@@ -11,11 +11,12 @@ from collections.abc import Sequence
 from dataclasses import asdict, replace
 from typing import Any
 
+from decoding.abstain import THRESHOLD_FILE
 from rag_models.atomic import atomic_text_writer, atomic_write_text
 from training.evaluation.job import EvalJob
 from training.evaluation.metrics import recall_hits, score_predictions
 from training.evaluation.records import EvalParts
-from training.evaluation.selective import THRESHOLD_FILE, abstention, threshold_record
+from training.evaluation.selective import abstention, threshold_record
 
 RECALL_KS = (1, 5, 20, 100)
 IN_MEMORY_ONLY = ("passage_texts",)  # record keys for report.html, not written to predictions.jsonl

@@ -15,16 +15,12 @@ reads back with ``abstain_below=path/to/threshold.json``.
 """
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
+from decoding.abstain import read_threshold
 from rag_models.errors import InputError
-
-CONFIDENCES = ("score", "posterior")  # abstain_on: what a record's confidence is
-THRESHOLD_FILE = "threshold.json"
 
 
 def confidence(record: dict[str, Any], on: str) -> float | None:
@@ -66,34 +62,6 @@ def threshold_for_coverage(records: Sequence[dict[str, Any]], coverage: float, o
         raise InputError("the answers carry no confidence (closed-book)", setting="abstain_coverage",
                          fix="Abstention needs a rag-mode run")
     return float(values[max(1, math.ceil(coverage * len(values))) - 1])
-
-
-def read_threshold(value: float | str, on: str | None) -> tuple[float, str]:
-    """(threshold, abstain_on) from ``abstain_below``: a number, or a threshold.json written by abstain_coverage.
-
-    ``on`` (abstain_on) None means "score", or what the file says; a file chosen on the other confidence is
-    refused. Raises InputError for a missing or malformed file or an unknown ``on``.
-    """
-    if on is not None and on not in CONFIDENCES:
-        raise InputError(f"unknown abstain_on {on!r}", setting="abstain_on", fix=f"Use one of {', '.join(CONFIDENCES)}")
-    try:
-        return float(value), on or "score"
-    except (TypeError, ValueError):
-        pass
-    path = Path(str(value))
-    if not path.is_file():
-        raise InputError("is neither a number nor a threshold file", path=path,
-                         fix="Pass abstain_below=NUMBER, or the threshold.json an abstain_coverage=C run wrote")
-    try:
-        saved = json.loads(path.read_text(encoding="utf-8"))
-        threshold, saved_on = float(saved["threshold"]), str(saved["abstain_on"])
-    except (ValueError, KeyError, TypeError) as err:
-        raise InputError(f"not a threshold file ({err})", path=path,
-                         fix="Use the threshold.json an abstain_coverage=C run wrote") from None
-    if on is not None and on != saved_on:
-        raise InputError(f"the threshold was chosen on abstain_on={saved_on}, not {on}", path=path,
-                         fix=f"Drop abstain_on or pass abstain_on={saved_on}")
-    return threshold, saved_on
 
 
 def check_settings(below: float | str | None, on: str | None, coverage: float | None) -> None:

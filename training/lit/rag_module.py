@@ -200,8 +200,11 @@ class RagLitModule(pl.LightningModule):
         retrieval = retrieve(self.model, self.retriever, questions, depth)  # (B, depth)
         return decode_retrieved(questions, self.model, retrieval, self.decoding), retrieval
 
-    def _eval_step(self, batch: dict[str, Any]) -> None:
-        """Add this batch's em / f1 / recall@k counts over its real (non-padding) questions."""
+    def _eval_step(self, batch: dict[str, Any]) -> tuple[list[int | None], int]:
+        """Add this batch's em / f1 / recall@k counts over its real (non-padding) questions.
+
+        Returns the real questions' answer ranks and the depth searched (([], 0) closed-book).
+        """
         answers, retrieval = self.predict_questions(batch["questions"])
         real = [i for i, keep in enumerate(batch["real"].tolist()) if keep]
         references = [batch["answers"][i] for i in real]
@@ -209,19 +212,20 @@ class RagLitModule(pl.LightningModule):
         if retrieval is not None:
             depth = retrieval.docs.n_docs
             ranks = answer_ranks(references, [retrieval.docs.texts[i] for i in real])
-            self.eval_ranks.extend(ranks)
-            self.eval_depth = depth
         sums = batch_sums([answers[i].text for i in real], references, ranks, self.recall_ks, depth)
         for key, value in sums.items():
             self._sums[key] += value
+        return ranks or [], depth
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         """Greedy (or beam) answers of a validation batch, scored by exact match."""
-        self._eval_step(batch)
+        ranks, self.eval_depth = self._eval_step(batch)
+        self.eval_ranks.extend(ranks)
 
     def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         """As validation, on the test questions."""
-        self._eval_step(batch)
+        ranks, self.eval_depth = self._eval_step(batch)
+        self.eval_ranks.extend(ranks)
 
     def _log_eval(self, stage: str) -> None:
         """Sum the counts over ranks, then log ``{stage}/em``, ``/f1``, ``/recall@k``."""
