@@ -86,7 +86,7 @@ def em_vs_n_docs(series: Mapping[str, Sequence[Mapping[str, Any]]], out_dir: Pat
     axes.set_xscale("log")
     all_x = sorted({m["n_docs"] for points in usable.values() for m in points})
     axes.set_xticks(all_x, [str(x) for x in all_x])
-    axes.set(xlabel="documents read (n_docs)", ylabel="score", title=title, ylim=(-0.02, 1.05))
+    axes.set(xlabel="documents read (n_docs)", ylabel="score", title=title)
     axes.grid(alpha=0.3)
     axes.legend(fontsize="small")
     return _save(figure, out_dir, name, title)
@@ -131,7 +131,7 @@ def recall_figure(curve: Sequence[float], title: str = "Answer recall@k against 
 def risk_coverage(coverage: Sequence[float], em: Sequence[float], area: float, on: str, out_dir: Path,
                   name: str = "risk_coverage", threshold_coverage: float | None = None) -> Drawn:
     """EM of the answered questions against coverage, with the area in the legend; not drawn without scores."""
-    title = f"EM of the answered questions against coverage (by {on})"
+    title = f"EM of the answered against coverage (by {on})"
     if not coverage:
         return Drawn(name, title, note="the answers carry no score (closed-book run)")
     figure = _new_figure()
