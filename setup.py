@@ -12,6 +12,7 @@ setup(
     description="End-to-end trainable retrieval-augmented generation (RAG-Sequence, RAG-Token).",
     python_requires=">=3.10",
     packages=find_packages(include=["rag_models", "index", "decoding", "training", "training.*"]),
+    package_data={"training.evaluation": ["templates/*.j2"]},  # report.html's template
     install_requires=[
         "torch>=2.2",
         "transformers>=5.0",
@@ -26,6 +27,8 @@ setup(
         "psutil>=5.9",
         "pypdf>=5.0",  # rag-build-index --documents: text of PDF pages (pure Python)
         "regex>=2023.0",  # DPR answer tokens: Unicode classes such as \p{L} (transformers installs it too)
+        "matplotlib>=3.8",  # rag-eval's figures (Agg backend, PNG and SVG)
+        "jinja2>=3.1",  # rag-eval's report.html
     ],
     extras_require={
         "dev": ["pytest>=8", "ruff>=0.15"],
@@ -40,6 +43,7 @@ setup(
             "rag-train=training.lit.train_cli:main",
             "rag-eval=training.evaluation.eval_cli:main",
             "rag-score=training.evaluation.score_cli:main",
+            "rag-compare=training.evaluation.compare_cli:main",
             "rag-ask=decoding.ask_cli:main",
             "rag-import=rag_models.convert_cli:import_main",
             "rag-export=rag_models.convert_cli:export_main",

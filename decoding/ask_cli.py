@@ -10,6 +10,10 @@ source file and page when the index was built from documents (rag-build-index --
 
     A: Elsa Tarn    [score -0.412]
        from: Marrowick history (0.71) [notes/history.pdf#page=3], Towns (0.20) [notes/towns.md]
+
+With ``--abstain-below X`` (a number, or the threshold.json of ``rag-eval ... abstain_coverage=C``) an answer
+whose score (or top passage posterior, ``--abstain-on posterior``) is under X is printed as
+``A: no confident answer (best guess: ...)``, still with its passages.
 """
 from __future__ import annotations
 
@@ -20,6 +24,7 @@ from typing import TextIO
 
 import torch
 
+from decoding.abstain import answer_confidence, read_threshold
 from decoding.answer import STRATEGIES, Answer, DecodingSettings, answer
 from decoding.retrieve import RetrieverLike
 from rag_models.cli_errors import at_least, command, positive_int
@@ -55,6 +60,10 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--verify", action="store_true",
                         help="hash every file of the checkpoint and index (their sizes are always checked)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--abstain-below", default=None,
+                        help="no confident answer under this confidence: a number, or rag-eval's threshold.json")
+    parser.add_argument("--abstain-on", choices=["score", "posterior"], default=None,
+                        help="the confidence: the answer's score (default) or its top passage posterior")
     return parser
 
 
@@ -67,17 +76,31 @@ def _support(candidate: Answer, top_docs: int, sources: Sequence[str]) -> str:
     return ", ".join(shown)
 
 
-def format_answer(question: str, found: Answer, top_docs: int, sources: Sequence[str] = ()) -> str:
+def is_confident(found: Answer, abstain: tuple[float, str] | None) -> bool:
+    """Whether ``found`` is answered: no ``abstain`` (threshold, "score" | "posterior"), or confidence >= threshold."""
+    return abstain is None or answer_confidence(found, abstain[1]) >= abstain[0]
+
+
+def format_answer(question: str, found: Answer, top_docs: int, sources: Sequence[str] = (),
+                  abstain: tuple[float, str] | None = None) -> str:
     """Question, answer(s) with scores, and the best-supporting passage titles.
 
     ``sources``: where each of ``found.doc_ids`` came from (e.g. ``notes/report.pdf#page=3``), shown in
-    brackets after its title; empty (or "" for a passage) when unknown.
+    brackets after its title; empty (or "" for a passage) when unknown. ``abstain``: (threshold, confidence);
+    an answer under it is shown as "no confident answer" with its best guess.
     """
     lines = [f"Q: {question}"]
     for rank, candidate in enumerate([found, *found.alternatives]):  # alternatives read the same docs
         label = "A:" if rank == 0 else f"{rank + 1}."
         support = _support(candidate, top_docs, sources)
-        lines.append(f"{label} {candidate.text}    [score {candidate.score:.3f}]")
+        if rank == 0 and not is_confident(candidate, abstain):
+            on = abstain[1] if abstain else "score"
+            name = "top passage posterior" if on == "posterior" else "score"
+            shown = f"{name} {answer_confidence(candidate, on):.3f}"
+            lines.append(f"{label} no confident answer (best guess: {candidate.text}    [{shown}, under "
+                         f"{abstain[0]:.3f}])")
+        else:
+            lines.append(f"{label} {candidate.text}    [score {candidate.score:.3f}]")
         lines.append(f"   from: {support}")
     return "\n".join(lines)
 
@@ -108,12 +131,14 @@ def settings_from_args(args: argparse.Namespace) -> DecodingSettings:
 
 
 def ask(questions: Iterable[str], retriever: RetrieverLike, model: RagModel, settings: DecodingSettings,
-        top_docs: int, out: TextIO, sources: Callable[[list[int]], list[str]] | None = None) -> int:
+        top_docs: int, out: TextIO, sources: Callable[[list[int]], list[str]] | None = None,
+        abstain: tuple[float, str] | None = None) -> int:
     """Answer and print each question as soon as it is read; returns how many were answered.
 
     A question longer than the model's length settings is cut to its beginning, with a warning on stderr.
 
     ``sources``: passage store rows -> where they came from (`PassageStore.sources`); None: titles only.
+    ``abstain``: (threshold, "score" | "posterior"): answers under it print as "no confident answer".
     """
     count = 0
     for question in questions:
@@ -123,7 +148,7 @@ def ask(questions: Iterable[str], retriever: RetrieverLike, model: RagModel, set
                   f"{question[:60]!r}...", file=sys.stderr, flush=True)
         found = answer([question], retriever, model, settings, progress=False)[0]
         shown = sources(found.doc_ids) if sources else ()
-        print(format_answer(question, found, top_docs, shown), file=out, flush=True)
+        print(format_answer(question, found, top_docs, shown, abstain), file=out, flush=True)
         count += 1
     return count
 
@@ -141,6 +166,7 @@ def main(argv: list[str] | None = None) -> int:
 
     check_device(args.device)
     request_verify(args.verify)
+    abstain = None if args.abstain_below is None else read_threshold(args.abstain_below, args.abstain_on)
     model = load_rag_model(args.checkpoint).to(args.device).eval()
     index = IndexSettings(path=args.index, factory=None, backend=args.backend, nprobe=args.nprobe,
                           ef_search=args.ef_search, refine=args.refine, mmap=args.mmap)
@@ -148,7 +174,7 @@ def main(argv: list[str] | None = None) -> int:
     settings = settings_from_args(args).for_model(model)
     print(f"rag-ask: decoding: {settings.summary()}", file=sys.stderr)
     ask(_questions(args.questions, sys.stdin), retriever, model, settings, args.top_docs,
-        sys.stdout, sources=retriever.passages.sources)
+        sys.stdout, sources=retriever.passages.sources, abstain=abstain)
     return 0
 
 

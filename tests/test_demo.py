@@ -11,7 +11,7 @@ from training.demo.stages import FULL, override
 
 RESULT_KEYS = ("recall@5", "em_rag_sequence", "em_rag_token", "em_closed_book", "em_swap_matched", "em_swap_stale",
                "em_before_swap_matched", "em_before_swap_stale", "seconds", "stage_seconds", "targets")
-STAGES = ("world", "tiny_models", "dpr", "index_v1", "train", "index_v2", "evaluate")
+STAGES = ("world", "tiny_models", "dpr", "index_v1", "train", "index_v2", "evaluate", "views")
 
 
 def _metrics(em: float, stale: float | None = None, recall: float | None = 0.9) -> dict:
@@ -66,6 +66,17 @@ def test_quick_demo_end_to_end(tmp_path):
         lines = (out / "eval" / name / "predictions.jsonl").read_text().splitlines()
         assert len(lines) == metrics["num_total"]
     assert json.loads((out / "eval" / "swap" / "metrics.json").read_text())["index_path"].endswith("index_v2")
+    # What a researcher looks at: figures, report.html, the sweeps and RAG-Sequence vs RAG-Token.
+    views = saved["views"]
+    for name in ("eval/figures/em_vs_n_docs.png", "eval/figures/index_swap.svg", "eval/rag_sequence/recall_at_k.png",
+                 "eval/rag_token/risk_coverage.png", "eval/rag_sequence/report.html", "eval/compare/compare.md"):
+        assert (out / name).is_file(), name
+    assert "eval/figures/em_vs_n_docs.png" in views["figures"] and views["sweep_n_docs"] == [1, 2, 3]
+    assert set(views["sweep_em"]) == {"rag_sequence", "rag_token"}
+    sweep = json.loads((out / "eval" / "sweep_rag_sequence" / "n_docs=3" / "metrics.json").read_text())
+    assert sweep["exact_match"] == saved["em_rag_sequence"]  # the sweep at the trained n_docs = the test run
+    assert "| exact_match |" in (out / "eval" / "compare" / "compare.md").read_text()
+    assert "RAG-Sequence vs RAG-Token" in render_table(saved)
     # A finished run directory is never overwritten.
     with pytest.raises(InputError, match="already holds a finished demo"):
         run_demo(out, quick=True)

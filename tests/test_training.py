@@ -95,12 +95,16 @@ def test_sample_predictions_reach_tensorboard(tiny_setup: TinySetup, tmp_path: P
 
     cfg = _config("demo", tiny_setup, tmp_path, "trainer.max_steps=2", "trainer.val_check_interval=2", "test=false")
     train(cfg)
-    events = EventAccumulator(str(tmp_path / "tensorboard"), size_guidance={"tensors": 0})
+    events = EventAccumulator(str(tmp_path / "tensorboard"), size_guidance={"tensors": 0, "images": 0})
     events.Reload()
     assert "val/samples/text_summary" in events.Tags()["tensors"]
     text = events.Tensors("val/samples/text_summary")[-1].tensor_proto.string_val[0].decode()
     first_question = tiny_setup.world.dev.read_text().splitlines()[0].split('"')[3]
     assert first_question in text and "| question | prediction | answers | retrieved |" in text
+    # Each sample question's passages with their posteriors, and the recall@k-vs-k figure.
+    assert text.count("passages read") == 4 and "| # | title | p(z\\|x,y) | text |" in text
+    images = events.Images("val/recall_at_k")
+    assert [image.step for image in images] == [2] and images[0].width > 100 and images[0].height > 100
 
 
 def test_index_refresh_reencodes_and_swaps(tiny_setup: TinySetup, tmp_path: Path):

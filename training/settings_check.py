@@ -31,10 +31,13 @@ ROOT_TYPES: dict[str, dict[str, Any]] = {
     "train": {"name": str | int, "seed": int, "monitor": str, "monitor_mode": Literal["min", "max"],
               "ckpt_path": str | None, "init_from": str | None, "export": Literal["last", "best"], "test": bool},
     "eval": {"checkpoint": str, "questions": str, "split": str, "mode": Literal["rag", "closed_book"] | None,
-             "n_docs": int | None, "max_source_length": int | None, "max_question_length": int | None,
+             "n_docs": int | list[int] | None, "max_source_length": int | None, "max_question_length": int | None,
              "max_target_length": int | None, "batch_size": int, "recall_depth": int, "limit": int | None,
              "report_examples": int, "progress": bool, "out_dir": str, "trainer.devices": int,
-             "trainer.accelerator": Literal["auto", "cpu", "gpu"]},
+             "trainer.accelerator": Literal["auto", "cpu", "gpu"], "verify": bool, "figures": bool,
+             "abstain_below": float | str | None, "abstain_on": Literal["score", "posterior"] | None,
+             "abstain_coverage": float | None,
+             "trainer.precision": Literal["32-true", "32", "bf16-mixed", "16-mixed"]},
 }
 # Smallest meaningful value by key name (the last part of the path), wherever the key sits.
 AT_LEAST: dict[str, int] = {

@@ -25,6 +25,7 @@ from rag_models.atomic import atomic_write_text
 from rag_models.cli_errors import at_least, command
 from rag_models.errors import InputError
 from training.demo.stages import FULL, QUICK, DemoPlan, run_stages
+from training.demo.views import demo_views, render_views
 
 # (key in results.json, label in the table, comparison, threshold): the demo's targets on 2 CPU cores.
 TARGETS = (
@@ -67,6 +68,7 @@ def collect_results(metrics: dict[str, dict[str, Any]], stage_seconds: dict[str,
         "train_seconds": train_seconds or {},  # each model's training, run in parallel within stage `train`
         "resumed_stages": resumed or [],  # reused from an earlier, killed run: their time is not in `seconds`
         "quick": quick,
+        "views": metrics.get("views"),  # sweeps, figures, report.html files, the comparison (training/demo/views.py)
         "seed": seed,
         "world": {"entities": plan.n_entities, "dev_towns": plan.n_dev, "test_towns": plan.n_test,
                   "change_fraction": plan.change_fraction},
@@ -114,6 +116,8 @@ def render_table(results: dict[str, Any]) -> str:
     if results["train_seconds"]:
         each = ", ".join(f"{name} {seconds:.0f}s" for name, seconds in results["train_seconds"].items())
         lines.append(f"training in parallel: {each}")
+    if results.get("views"):
+        lines += render_views(results["views"])
     if results["resumed_stages"]:
         lines.append(f"resumed run: {', '.join(results['resumed_stages'])} reused from an earlier run "
                      "(their time is not counted)")
@@ -144,6 +148,8 @@ def run_demo(out: str | Path | None = None, *, quick: bool = False, seed: int = 
     _check_run_dir(out, plan, seed)
     started = time.perf_counter()
     metrics, clock = run_stages(out, plan, seed)
+    metrics["views"] = clock.run("views", "n_docs sweeps, figures, RAG-Sequence vs RAG-Token (rag-compare)",
+                                 lambda: demo_views(out, plan, metrics))
     results = collect_results(metrics, clock.seconds, seconds=time.perf_counter() - started, plan=plan,
                               quick=quick, seed=seed, resumed=clock.resumed, train_seconds=clock.each)
     results["run_dir"] = str(out)

@@ -5,7 +5,8 @@
 
 Everything lands under one demo directory laid out as ``configs/train.yaml``'s
 ``paths.demo_dir`` expects: ``world/``, ``tiny/``, ``dpr/model/``, ``index/``,
-one run directory per trained model, ``index_v2/`` and ``eval/<name>/``.
+one run directory per trained model, ``index_v2/`` and ``eval/<name>/``. rag-demo then runs the n_docs
+sweeps, figures and the RAG-Sequence vs RAG-Token comparison (training/demo/views.py).
 """
 from __future__ import annotations
 
@@ -53,6 +54,7 @@ class DemoPlan:
         index_max_length: tokens per passage when the demo builds its v1 and v2 indexes; keep it equal to the
             tiny context encoder's ``max_passage_length`` (configs/retriever/tiny.yaml).
         threads: torch CPU threads of the demo process and of each parallel training process.
+        sweep_n_docs: the n_docs values both RAG models are evaluated at on the test questions (one retrieval).
 
     The world stage checks the world's sizes (InputError from `write_world`); the plan itself does not.
     """
@@ -70,6 +72,7 @@ class DemoPlan:
     # Measured on 2 cores: a tiny-model training step takes 1.0-1.5 s with 1 thread and ~3 s with 2 (the
     # ops are too small to split), so the three models train at once in 1-thread processes.
     threads: int = 1
+    sweep_n_docs: tuple[int, ...] = (1, 2, 3, 5, 10)
 
 
 # One beam per doc, as the demo's validation decodes: the answers are short names.
@@ -88,6 +91,7 @@ QUICK = DemoPlan(
                      "callbacks.checkpoint_last.every_n_train_steps=3", "trainer.enable_progress_bar=false",
                      "trainer.enable_model_summary=false"),
     rag_overrides=("data.max_val_examples=10",),
+    sweep_n_docs=(1, 2, 3),
     eval_overrides=("recall_depth=20", "progress=false", "decoding.num_beams=1"),
 )
 

@@ -76,6 +76,45 @@ def answer_in_text(answers: Sequence[str], text: str, *, regex: bool = False) ->
     return any(_contains_run(text_tokens, answer_tokens(answer)) for answer in answers)
 
 
+def _normalized_with_origin(text: str) -> tuple[str, list[int]]:
+    """``text`` as `answer_tokens` normalizes it (NFD, lower case), and each normalized character's source index."""
+    pieces = [unicodedata.normalize("NFD", ch).lower() for ch in text]
+    origin = [index for index, piece in enumerate(pieces) for _ in piece]
+    whole = unicodedata.normalize("NFD", text).lower()
+    # Whole-string NFD may reorder combining marks and lower() knows final sigma; both keep the length, so the
+    # tokens come from exactly the string answer_in_text reads and the per-character origins still apply.
+    return (whole, origin) if len(whole) == len(origin) else ("".join(pieces), origin)
+
+
+def answer_spans(answers: Sequence[str], text: str, *, regex: bool = False) -> list[tuple[int, int]]:
+    """Where ``text`` holds an answer, as ``[start, end)`` character offsets into ``text``: sorted, merged.
+
+    The occurrences `answer_in_text` finds (the same tokens, or the same patterns), for highlighting:
+    ``bool(answer_spans(a, t)) == answer_in_text(a, t)`` (an empty regex match is not shown, and counts
+    as found there, as DPR's search does).
+    """
+    if regex:
+        spans = [match.span() for pattern in answers for match in compile_pattern(pattern).finditer(text)
+                 if match.end() > match.start()]
+    else:
+        normalized, origin = _normalized_with_origin(text)
+        found = list(_token_pattern().finditer(normalized))
+        words = [match.group() for match in found]
+        spans = []
+        for answer in answers:
+            needle = answer_tokens(answer)
+            for i in range(len(words) - len(needle) + 1 if needle else 0):
+                if words[i] == needle[0] and words[i:i + len(needle)] == needle:
+                    spans.append((origin[found[i].start()], origin[found[i + len(needle) - 1].end() - 1] + 1))
+    merged: list[tuple[int, int]] = []
+    for start, end in sorted(spans):
+        if merged and start <= merged[-1][1]:
+            merged[-1] = (merged[-1][0], max(merged[-1][1], end))
+        else:
+            merged.append((start, end))
+    return merged
+
+
 def first_answer_rank(answers: Sequence[str], texts: Sequence[str], *, regex: bool = False) -> int | None:
     """0-based rank of the first passage text that contains a reference answer, or None.
 

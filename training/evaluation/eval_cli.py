@@ -5,6 +5,7 @@
     rag-eval ... decoding=beam n_docs=50                  # test-time docs may differ from training
     rag-eval ... index.path=other_index                   # swap the index, no retraining
     rag-eval ... trainer.devices=4                        # 4 processes (gloo on CPU, nccl on GPUs)
+    rag-eval ... n_docs=[1,5,10,20,50]                    # a sweep: one retrieval, one model load, a dir each
     torchrun --nproc_per_node 8 -m training.evaluation.eval_cli ... index.sharded=true
 
 From Python (rag-demo does this): ``evaluate(compose([...], config_name="eval"))`` with
@@ -18,7 +19,7 @@ import sys
 from typing import Any
 
 import hydra
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from rag_models.cli_errors import command, reported
 from rag_models.file_manifest import request_verify
@@ -35,18 +36,24 @@ SHOWN = ("exact_match", "f1", "recall@1", "recall@5", "recall@20", "recall@100",
 def evaluate(job: DictConfig | EvalJob) -> dict[str, Any]:
     """Evaluate a checkpoint on a question file; returns the metrics (also in ``out_dir/metrics.json``).
 
-    ``job``: a composed ``eval`` config or an :class:`EvalJob`. Raises InputError for bad
-    settings or input files, before any model is loaded or any process started.
+    ``job``: a composed ``eval`` config or an :class:`EvalJob`. A list ``n_docs`` in the config is a
+    sweep (training/evaluation/sweep.py): returns its summary (``out_dir/summary.json``). Raises
+    InputError for bad settings or input files, before any model is loaded or any process started.
     """
+    from training.evaluation.sweep import evaluate_sweep, sweep_values
+
+    values = None
     if isinstance(job, DictConfig):
         check_settings(job, "eval")
-        job = job_from_config(job)
+        values = sweep_values(job.get("n_docs"))
+        job = job_from_config(OmegaConf.merge(job, {"n_docs": max(values)}) if values else job)
     check_job(job)
     request_verify(job.verify)  # the processes started below inherit it
     examples = load_examples(job)  # a bad question file fails here, before any process or model starts
     if int(os.environ.get("RANK", "0")) == 0:
         sweep_stale(job.out_dir, command="rag-eval", recursive=False)  # files of a killed evaluation
-    return launch(job, examples)  # one process, or torchrun's ranks, reuse them: no second pass over the file
+    # one process, or torchrun's ranks, reuse the questions read here: no second pass over the file
+    return evaluate_sweep(job, values) if values else launch(job, examples)
 
 
 def summary_line(metrics: dict[str, Any]) -> str:
@@ -61,10 +68,15 @@ def _app(cfg: DictConfig) -> None:
     """The Hydra application: evaluate and print where the files went."""
     with reported("rag-eval"):
         metrics = evaluate(cfg)
-    if metrics:  # rank 0 (under torchrun the other ranks have nothing to print)
+    if metrics.get("sweep"):
+        for run in metrics["runs"]:
+            print(f"n_docs {run['n_docs']}: {summary_line(run)}")
+        print(f"wrote {cfg.out_dir}/n_docs=K/ for K in {metrics['values']}, summary.json, summary.md")
+    elif metrics:  # rank 0 (under torchrun the other ranks have nothing to print)
         print(f"decoding: {metrics['decoding_summary']}")
         print(f"{summary_line(metrics)} ({metrics['seconds']:.1f} s)")
-        print(f"wrote {cfg.out_dir}/predictions.jsonl, metrics.json, report.md")
+        views = ", report.html, figures (PNG, SVG)" if cfg.get("figures", True) else ""
+        print(f"wrote {cfg.out_dir}/predictions.jsonl, metrics.json, report.md{views}")
 
 
 @command("rag-eval")

@@ -14,6 +14,7 @@ from rag_models.checkpoint import MODES, saved_mode
 from rag_models.errors import InputError
 from training.config import instantiate
 from training.data.questions import QAExample, read_questions, refuse_repeats
+from training.evaluation.selective import check_settings
 
 LENGTH_SETTINGS = ("max_source_length", "max_question_length", "max_target_length")  # rag-eval may override these
 
@@ -44,6 +45,11 @@ class EvalJob:
             checked; rag_models/file_manifest.py).
         max_source_length, max_question_length, max_target_length: replace the checkpoint's length settings
             (`load_rag_model` overrides); None = as saved. Longer questions are cut to fit, never refused.
+        abstain_below: answers whose confidence is under this are marked abstained: a number, or a
+            threshold.json written by ``abstain_coverage`` (training/evaluation/selective.py); None: none.
+        abstain_on: the confidence, "score" or "posterior" (top doc posterior); None: score, or the file's.
+        abstain_coverage: choose the threshold that answers this fraction of the questions, write threshold.json.
+        figures: draw the figures (PNG, SVG) and write report.html beside report.md.
     """
 
     checkpoint: Path
@@ -66,6 +72,10 @@ class EvalJob:
     max_source_length: int | None = None
     max_question_length: int | None = None
     max_target_length: int | None = None
+    abstain_below: float | str | None = None
+    abstain_on: str | None = None
+    abstain_coverage: float | None = None
+    figures: bool = True
 
     @property
     def model_overrides(self) -> dict[str, int]:
@@ -124,6 +134,8 @@ def job_from_config(cfg: DictConfig) -> EvalJob:
         progress=bool(cfg.get("progress", True)),
         verify=bool(cfg.get("verify", False)),
         **{name: cfg.get(name) for name in LENGTH_SETTINGS},
+        abstain_below=cfg.get("abstain_below"), abstain_on=cfg.get("abstain_on"),
+        abstain_coverage=cfg.get("abstain_coverage"), figures=bool(cfg.get("figures", True)),
     )
 
 
@@ -145,6 +157,17 @@ def check_job(job: EvalJob) -> None:
                            *((name, getattr(job, name)) for name in LENGTH_SETTINGS)):
         if value is not None and int(value) < 1:
             raise InputError(f"{value} must be at least 1", setting=setting, fix="Give 1 or more")
+    check_abstention(job)
+
+
+def check_abstention(job: EvalJob) -> None:
+    """Refuse abstention settings that cannot apply: closed-book answers, an unreadable threshold, both ways."""
+    if job.abstain_below is None and job.abstain_coverage is None:
+        return
+    if job.mode == "closed_book":
+        raise InputError("closed-book answers carry no confidence to abstain on", setting="abstain_below",
+                         fix="Drop abstain_below / abstain_coverage, or evaluate in rag mode")
+    check_settings(job.abstain_below, job.abstain_on, job.abstain_coverage)
 
 
 def load_examples(job: EvalJob) -> list[QAExample]:

@@ -131,6 +131,19 @@ def recall_hits(ranks: Sequence[int | None], ks: Sequence[int], depth: int) -> d
     return {f"recall@{k}": sum(rank is not None and rank < k for rank in ranks) for k in ks if k <= depth}
 
 
+def recall_hit_curve(ranks: Sequence[int | None], depth: int) -> list[int]:
+    """Questions with an answer in their top k, for every k = 1..depth: `recall_hits` at each k, in one pass."""
+    first = [0] * depth  # first[r]: questions whose first answer-holding passage is at rank r
+    for rank in ranks:
+        if rank is not None and rank < depth:
+            first[rank] += 1
+    curve, total = [], 0
+    for count in first:
+        total += count
+        curve.append(total)
+    return curve
+
+
 def batch_sums(predictions: Sequence[str], references: Sequence[Sequence[str]], ranks: Sequence[int | None] | None,
                recall_ks: Sequence[int], depth: int) -> dict[str, float]:
     """Sums over a batch of questions: ``em``, ``f1``, ``count`` and (with ``ranks``) each ``recall@k`` hit count.

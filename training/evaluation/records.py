@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 
 from decoding.answer import decode_retrieved
 from decoding.closed_book import answer_closed_book
-from decoding.retrieve import embed_questions, retrieve
+from decoding.retrieve import Retrieval, embed_questions, retrieve
 from index.retrieval import Retriever
 from rag_models.checkpoint import load_rag_model
 from rag_models.errors import InputError
@@ -74,25 +74,35 @@ def load_parts(job: EvalJob, device: torch.device, world_size: int = 1) -> EvalP
     return EvalParts(model, retriever, n_docs, min(max(n_docs, job.recall_depth), len(retriever)))
 
 
-def prediction_records(batch: list[QAExample], parts: EvalParts, job: EvalJob) -> list[dict[str, Any]]:
-    """Retrieve once, decode from the first n_docs, and build one provenance record per question."""
+def prediction_records(batch: list[QAExample], parts: EvalParts, job: EvalJob,
+                       retrieval: Retrieval | None = None) -> list[dict[str, Any]]:
+    """Retrieve once, decode from the first n_docs, and build one provenance record per question.
+
+    ``retrieval``: this batch's docs, already searched at least ``parts.depth`` deep (an n_docs sweep
+    searches once at its largest depth); None: searched here. Its docs are sorted best first, so its
+    first ``parts.depth`` are what a search of that depth finds (exact indexes). Each record also holds
+    ``passage_texts`` (the texts of the docs read), kept in memory for report.html, never written.
+    """
     questions = [example.question for example in batch]
-    retrieval, ranks = None, [None] * len(batch)
+    ranks = [None] * len(batch)
     if parts.retriever is None:
         answers = answer_closed_book(questions, parts.model, job.decoding)
     else:
-        retrieval = retrieve(parts.model, parts.retriever, questions, parts.depth)  # (B, depth)
+        if retrieval is None:
+            retrieval = retrieve(parts.model, parts.retriever, questions, parts.depth)  # (B, depth)
         answers = decode_retrieved(questions, parts.model, retrieval, replace(job.decoding, n_docs=parts.n_docs))
-        ranks = answer_ranks([example.answers for example in batch], retrieval.docs.texts)
+        texts = [row[: parts.depth] for row in retrieval.docs.texts]  # (B, depth)
+        ranks = answer_ranks([example.answers for example in batch], texts)
     records = []
-    for example, found, rank in zip(batch, answers, ranks):
+    for position, (example, found, rank) in enumerate(zip(batch, answers, ranks)):
         record = {"question": example.question, "prediction": found.text, "answers": list(example.answers),
                   "correct": exact_match(found.text, example.answers),
                   # Closed-book records carry no score (the file format rag-eval has always written).
                   "score": None if retrieval is None else found.score}
         if retrieval is not None:
             record.update(doc_ids=parts.retriever.passages.ids(found.doc_ids), titles=found.titles,
-                          doc_posteriors=[round(p, 6) for p in found.posteriors], answer_rank=rank)
+                          doc_posteriors=[round(p, 6) for p in found.posteriors], answer_rank=rank,
+                          passage_texts=texts[position][: parts.n_docs])
         if example.stale_answers:
             record.update(stale_answers=list(example.stale_answers),
                           correct_stale=exact_match(found.text, example.stale_answers))

@@ -34,8 +34,19 @@ def _markdown_cell(text: str) -> str:
     return text.replace("|", "\\|").replace("\n", " ")
 
 
+def _passages_table(number: int, prediction: Any, texts: list[str], width: int = 200) -> list[str]:
+    """Markdown rows of one question's passages read: position, title, posterior p(z|x,y), text (cut to ``width``)."""
+    rows = ["", f"**{number}.** passages read", "", "| # | title | p(z\\|x,y) | text |", "|---|---|---|---|"]
+    for k, (title, posterior) in enumerate(zip(prediction.titles, prediction.posteriors)):
+        text = texts[k] if k < len(texts) else ""
+        shown = text if len(text) <= width else text[:width] + "..."
+        rows.append(f"| {k + 1} | {_markdown_cell(title)} | {posterior:.3f} | {_markdown_cell(shown)} |")
+    return rows
+
+
 class SamplePredictions(pl.Callback):
-    """Logs ``n`` validation questions with prediction, references and retrieved titles (TensorBoard text).
+    """Logs ``n`` validation questions with prediction, references and retrieved titles with their posteriors,
+    then each question's passages (title, posterior, text) (TensorBoard text ``val/samples``).
 
     Args:
         n: questions shown after each validation (not the sanity check): the first n of the datamodule's
@@ -51,14 +62,16 @@ class SamplePredictions(pl.Callback):
         if trainer.sanity_checking or not examples or not hasattr(pl_module, "predict_questions"):
             return
         # Every rank decodes (a sharded index search is a collective); rank 0 writes.
-        predictions, _ = pl_module.predict_questions([e.question for e in examples])
+        predictions, retrieval = pl_module.predict_questions([e.question for e in examples])
         if not trainer.is_global_zero:
             return
         rows = ["| question | prediction | answers | retrieved |", "|---|---|---|---|"]
         for example, prediction in zip(examples, predictions):
-            cells = (example.question, prediction.text, " / ".join(example.answers),
-                     " · ".join(prediction.titles) or "(none)")
+            retrieved = " · ".join(f"{t} ({p:.2f})" for t, p in zip(prediction.titles, prediction.posteriors))
+            cells = (example.question, prediction.text, " / ".join(example.answers), retrieved or "(none)")
             rows.append("| " + " | ".join(_markdown_cell(c) for c in cells) + " |")
+        for number, prediction in enumerate(predictions if retrieval is not None else [], start=1):
+            rows += _passages_table(number, prediction, retrieval.docs.texts[number - 1])
         text = "\n".join(rows)
         for logger in trainer.loggers:
             if isinstance(logger, TensorBoardLogger):

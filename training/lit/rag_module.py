@@ -110,6 +110,10 @@ class RagLitModule(pl.LightningModule):
         self.retriever: Retriever | None = None
         self._losses = {"rag": self._rag_loss, "closed_book": self._closed_book_loss}[mode]
         self._sums: dict[str, float] = defaultdict(float)
+        # This rank's answer ranks of the running val/test epoch (None: no answer within eval_depth), for the
+        # recall@k-vs-k figure (training/lit/recall_figure.py); cleared when the epoch's metrics are logged.
+        self.eval_ranks: list[int | None] = []
+        self.eval_depth = 0
         # Scalars only: checkpoints must load with weights_only=True.
         self.train()  # checkpoints load in eval mode; Lightning keeps whatever mode it finds
         self.save_hyperparameters({"mode": mode, "marginalization": model.marginalization, "n_docs": model.n_docs,
@@ -196,8 +200,11 @@ class RagLitModule(pl.LightningModule):
         retrieval = retrieve(self.model, self.retriever, questions, depth)  # (B, depth)
         return decode_retrieved(questions, self.model, retrieval, self.decoding), retrieval
 
-    def _eval_step(self, batch: dict[str, Any]) -> None:
-        """Add this batch's em / f1 / recall@k counts over its real (non-padding) questions."""
+    def _eval_step(self, batch: dict[str, Any]) -> tuple[list[int | None], int]:
+        """Add this batch's em / f1 / recall@k counts over its real (non-padding) questions.
+
+        Returns the real questions' answer ranks and the depth searched (([], 0) closed-book).
+        """
         answers, retrieval = self.predict_questions(batch["questions"])
         real = [i for i, keep in enumerate(batch["real"].tolist()) if keep]
         references = [batch["answers"][i] for i in real]
@@ -208,14 +215,17 @@ class RagLitModule(pl.LightningModule):
         sums = batch_sums([answers[i].text for i in real], references, ranks, self.recall_ks, depth)
         for key, value in sums.items():
             self._sums[key] += value
+        return ranks or [], depth
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         """Greedy (or beam) answers of a validation batch, scored by exact match."""
-        self._eval_step(batch)
+        ranks, self.eval_depth = self._eval_step(batch)
+        self.eval_ranks.extend(ranks)
 
     def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         """As validation, on the test questions."""
-        self._eval_step(batch)
+        ranks, self.eval_depth = self._eval_step(batch)
+        self.eval_ranks.extend(ranks)
 
     def _log_eval(self, stage: str) -> None:
         """Sum the counts over ranks, then log ``{stage}/em``, ``/f1``, ``/recall@k``."""
@@ -229,6 +239,7 @@ class RagLitModule(pl.LightningModule):
         for key, value in sums.items():
             self.log(f"{stage}/{key}", value / count, prog_bar=key == "em", sync_dist=False, rank_zero_only=False)
         self._sums.clear()
+        self.eval_ranks.clear()
 
     def on_validation_epoch_end(self) -> None:
         self._log_eval("val")
