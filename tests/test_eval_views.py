@@ -298,5 +298,6 @@ def test_rag_ask_says_no_confident_answer_with_its_best_guess(parts, capsys, tmp
     saved.write_text(json.dumps({"threshold": 0.0, "abstain_on": "score"}))
     assert ask_main([*base, "--abstain-below", str(saved)]) == 0
     assert "no confident answer" in capsys.readouterr().out
-    assert ask_main([*base, "--abstain-below", str(tmp_path / "missing.json")]) == 2
-    assert "threshold file" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exited:  # bad input: exit status 2 (rag_models/cli_errors.py)
+        ask_main([*base, "--abstain-below", str(tmp_path / "missing.json")])
+    assert exited.value.code == 2 and "threshold file" in capsys.readouterr().err
