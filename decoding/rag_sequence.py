@@ -22,13 +22,13 @@ import torch
 from transformers import PreTrainedModel
 
 from decoding.beam import SearchOutput, SearchSettings, run_search, search_settings
+from decoding.contexts import EncodedContexts, encode_contexts
 from decoding.results import GenerationResult
 from decoding.scoring import (
     SCORE_CHUNK_ELEMENTS,
     CachedDecoder,
     check_inputs,
     doc_posteriors,
-    encode_contexts,
     sequence_loglik,
     starts_with_bos,
     teacher_forced_logprobs,
@@ -79,8 +79,7 @@ class _Scoring:
     """What both scorers may read (built once per batch)."""
 
     generator: PreTrainedModel
-    states: torch.Tensor  # (B*K, L, H) encoder states
-    mask: torch.Tensor  # (B*K, L)
+    contexts: EncodedContexts  # the B*K contexts: encoder states, cross-attention keys/values
     found: SearchOutput  # (B*K*W, T) per-doc beam outputs
     candidates: Candidates
     skip_first: torch.Tensor  # (B,) drop the shared first BOS from every score
@@ -102,7 +101,7 @@ def thorough_loglik(s: _Scoring) -> torch.Tensor:
     question, cand, doc = missing.unbind(1)
     tokens = s.candidates.tokens[question, cand]  # (M, T)
     rows = question * k + doc  # (M,) encoder row b*K+k
-    token_lp = teacher_forced_logprobs(s.generator, s.states, s.mask, rows, tokens, s.chunk_elements)  # (M, T)
+    token_lp = teacher_forced_logprobs(s.generator, s.contexts, rows, tokens, s.chunk_elements)  # (M, T)
     known[question, cand, doc] = sequence_loglik(tokens, token_lp, s.settings.pad_token_id, s.skip_first[question])
     return known
 
@@ -164,14 +163,15 @@ def rag_sequence_generate(
                   early_stopping=early_stopping)
     returned = search_settings(generator, num_beams=num_beams, num_return_sequences=num_return_sequences, **search)
     per_doc = search_settings(generator, num_beams=num_beams, num_return_sequences=num_beams, **search)
-    states = encode_contexts(generator, context_input_ids, context_attention_mask)  # (B*K, L, H)
-    rows = torch.arange(batch * k, device=states.device).repeat_interleave(num_beams)  # (B*K*W,)
-    decoder = CachedDecoder(generator, states, context_attention_mask, rows)
+    contexts = encode_contexts(generator, context_input_ids, context_attention_mask)  # B*K contexts, encoded once
+    device = context_input_ids.device
+    rows = torch.arange(batch * k, device=device).repeat_interleave(num_beams)  # (B*K*W,)
+    decoder = CachedDecoder(generator, contexts, rows)
     found = run_search(lambda tokens, origin: (decoder(tokens, origin).log_softmax(-1), None), batch * k, per_doc,
-                       states.device)
+                       device)
     candidates = union_of_hypotheses(found.sequences, batch)
     skip = starts_with_bos(candidates.tokens, candidates.valid, per_doc.bos_token_id)  # (B,)
-    scoring = _Scoring(generator, states, context_attention_mask, found, candidates, skip, per_doc, k,
+    scoring = _Scoring(generator, contexts, found, candidates, skip, per_doc, k,
                        score_chunk_elements)
     loglik = SCORERS[mode](scoring)  # (B, N, K)
     posteriors, marginal = doc_posteriors(doc_scores, loglik)  # (B, N, K), (B, N)
