@@ -153,11 +153,17 @@ def rag_sequence_generate(
         mode: "thorough" (score every candidate under every doc) or "fast".
         num_beams: beams per doc (1: greedy per doc); num_return_sequences <= num_beams per question.
         max_length, min_length, length_penalty, early_stopping: of the per-doc searches, as transformers'.
-        score_chunk_elements: cap on logits held at once by the thorough scoring pass.
+        score_chunk_elements: cap on the floats (logits, cached keys/values) one chunk of the thorough
+            scoring pass holds; at least one row is scored per chunk.
+
+    Raises InputError for an unknown mode, score_chunk_elements < 1, or inputs of mismatched shapes.
     """
     if mode not in SCORERS:
         raise InputError(f"unknown RAG-Sequence decoding mode {mode!r}", setting="mode",
                          fix=f"use one of {sorted(SCORERS)}")
+    if score_chunk_elements < 1:
+        raise InputError(f"score_chunk_elements={score_chunk_elements}", setting="decoding.score_chunk_elements",
+                         fix="use a positive number of floats (default 2**27)")
     batch, k = check_inputs(context_input_ids, context_attention_mask, doc_scores, n_docs)
     search = dict(max_length=max_length, min_length=min_length, length_penalty=length_penalty,
                   early_stopping=early_stopping)

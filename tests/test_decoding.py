@@ -330,3 +330,17 @@ def test_contexts_project_cross_attention_once_and_score_as_without(tiny):
         plain = teacher_forced_logprobs(model, EncodedContexts(contexts.states, mask, None), rows, tokens)
     torch.testing.assert_close(cached, plain, atol=1e-5, rtol=0)
     assert bool((cached[:, 1:] < 0).all())
+
+
+def test_score_chunk_elements_bounds_memory_not_results(tiny):
+    """Scoring one row per chunk gives the scores of one chunk for all; a non-positive cap is refused by name."""
+    args = (tiny["bart"], tiny["ids"], tiny["mask"], tiny["scores"])
+    search = dict(num_beams=2, max_length=6, min_length=6)
+    whole = rag_sequence_generate(*args, **search)
+    rows = rag_sequence_generate(*args, score_chunk_elements=1, **search)
+    assert torch.equal(whole.sequences, rows.sequences)
+    torch.testing.assert_close(whole.scores, rows.scores, atol=1e-5, rtol=0)
+    assert "score_chunk_elements" in DecodingSettings(strategy="thorough").search_kwargs()
+    assert "score_chunk_elements" not in DecodingSettings(strategy="beam").search_kwargs()
+    with pytest.raises(InputError, match="score_chunk_elements"):
+        rag_sequence_generate(*args, score_chunk_elements=0, **search)
