@@ -27,7 +27,6 @@ from decoding.rag_sequence import rag_sequence_generate
 from decoding.rag_token import rag_token_generate
 from decoding.results import GenerationResult
 from decoding.retrieve import Retrieval, RetrieverLike, retrieve
-from decoding.scoring import SCORE_CHUNK_ELEMENTS
 from rag_models.errors import InputError
 from rag_models.rag import RagModel
 
@@ -100,7 +99,8 @@ class DecodingSettings:
         length_penalty, early_stopping: as transformers' generate (beam ranking only).
         num_return_sequences: R, the n-best answers kept (the others become Answer.alternatives).
         score_chunk_elements: RAG-Sequence decoders only: the most floats (logits and cached keys/values)
-            one chunk of thorough scoring holds; lower it to bound memory at many docs (2**27: 512 MB float32).
+            one chunk of thorough scoring holds; None: the device's default (2**24 = 64 MB of float32 on a
+            CPU, 2**28 on a GPU); lower it to bound memory at many docs.
     """
 
     strategy: str | None = None
@@ -111,7 +111,7 @@ class DecodingSettings:
     length_penalty: float = 1.0
     early_stopping: bool | str = False
     num_return_sequences: int = 1
-    score_chunk_elements: int = SCORE_CHUNK_ELEMENTS
+    score_chunk_elements: int | None = None
 
     def search_kwargs(self) -> dict[str, Any]:
         """The keyword arguments the strategy's decoder in `STRATEGIES` takes (num_beams None: `DEFAULT_BEAMS`)."""

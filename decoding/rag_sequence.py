@@ -25,7 +25,6 @@ from decoding.beam import SearchOutput, SearchSettings, run_search, search_setti
 from decoding.contexts import EncodedContexts, encode_contexts
 from decoding.results import GenerationResult
 from decoding.scoring import (
-    SCORE_CHUNK_ELEMENTS,
     CachedDecoder,
     check_inputs,
     doc_posteriors,
@@ -85,7 +84,7 @@ class _Scoring:
     skip_first: torch.Tensor  # (B,) drop the shared first BOS from every score
     settings: SearchSettings
     n_docs: int
-    chunk_elements: int
+    chunk_elements: int | None  # None: the device's default
 
 
 def thorough_loglik(s: _Scoring) -> torch.Tensor:
@@ -141,7 +140,7 @@ def rag_sequence_generate(
     num_return_sequences: int = 1,
     length_penalty: float = 1.0,
     early_stopping: bool | str = False,
-    score_chunk_elements: int = SCORE_CHUNK_ELEMENTS,
+    score_chunk_elements: int | None = None,
 ) -> GenerationResult:
     """RAG-Sequence decoding ("thorough" or "fast") of a batch; see the module docstring.
 
@@ -154,16 +153,17 @@ def rag_sequence_generate(
         num_beams: beams per doc (1: greedy per doc); num_return_sequences <= num_beams per question.
         max_length, min_length, length_penalty, early_stopping: of the per-doc searches, as transformers'.
         score_chunk_elements: cap on the floats (logits, cached keys/values) one chunk of the thorough
-            scoring pass holds; at least one row is scored per chunk.
+            scoring pass holds; at least one row is scored per chunk. None: the device's default
+            (`decoding.scoring.SCORE_CHUNK_ELEMENTS`: 2**24 on a CPU, 2**28 on a GPU).
 
     Raises InputError for an unknown mode, score_chunk_elements < 1, or inputs of mismatched shapes.
     """
     if mode not in SCORERS:
         raise InputError(f"unknown RAG-Sequence decoding mode {mode!r}", setting="mode",
                          fix=f"use one of {sorted(SCORERS)}")
-    if score_chunk_elements < 1:
+    if score_chunk_elements is not None and score_chunk_elements < 1:
         raise InputError(f"score_chunk_elements={score_chunk_elements}", setting="decoding.score_chunk_elements",
-                         fix="use a positive number of floats (default 2**27)")
+                         fix="use a positive number of floats, or null for the device's default")
     batch, k = check_inputs(context_input_ids, context_attention_mask, doc_scores, n_docs)
     search = dict(max_length=max_length, min_length=min_length, length_penalty=length_penalty,
                   early_stopping=early_stopping)

@@ -18,8 +18,16 @@ from decoding.contexts import EncodedContexts
 from rag_models.errors import InputError
 
 # Teacher-forced scoring holds (rows, T, V) logits and each row's cross-attention keys and
-# values; cap one chunk at this many floats (2**27: 512 MB in float32).
-SCORE_CHUNK_ELEMENTS = 2**27
+# values; one chunk holds at most this many floats, by device type. On a CPU smaller chunks are
+# faster (measured at d_model 256, vocab 8000: 64 MB chunks 20% faster than 512 MB ones, the
+# logits' bias add and logsumexp stay nearer the caches); a GPU wants large batches.
+SCORE_CHUNK_ELEMENTS: dict[str, int] = {"cpu": 2**24, "cuda": 2**28}
+DEFAULT_CHUNK_ELEMENTS = 2**26  # other device types
+
+
+def chunk_elements_for(device: torch.device) -> int:
+    """The default cap on the floats of one scoring chunk on ``device`` (`SCORE_CHUNK_ELEMENTS`)."""
+    return SCORE_CHUNK_ELEMENTS.get(device.type, DEFAULT_CHUNK_ELEMENTS)
 
 def check_inputs(
     context_input_ids: torch.Tensor, context_attention_mask: torch.Tensor, doc_scores: torch.Tensor, n_docs: int | None
@@ -95,13 +103,14 @@ def teacher_forced_logprobs(
     contexts: EncodedContexts,
     rows: torch.Tensor,
     tokens: torch.Tensor,
-    chunk_elements: int = SCORE_CHUNK_ELEMENTS,
+    chunk_elements: int | None = None,
 ) -> torch.Tensor:
     """log p(tokens[:, t] | tokens[:, <t], context) for every position, in row chunks.
 
     rows (M,) indices into the R0 contexts, tokens (M, T) starting with the decoder start
     token -> (M, T), 0 at position 0. A chunk holds at most ``chunk_elements`` floats of
-    logits, cross-attention keys/values and self-attention cache (>= one row).
+    logits, cross-attention keys/values and self-attention cache (>= one row); None: the
+    device's default (`chunk_elements_for`).
     """
     m, t = tokens.shape
     out = contexts.states.new_zeros(m, t, dtype=torch.float32)  # (M, T)
@@ -111,7 +120,7 @@ def teacher_forced_logprobs(
     layers = getattr(generator.config, "decoder_layers", None) or 1
     hidden = contexts.states.shape[2]
     per_row += 2 * layers * hidden * (contexts.states.shape[1] + t)  # cross-attention K, V + self-attention cache
-    per_chunk = max(1, chunk_elements // per_row)
+    per_chunk = max(1, (chunk_elements or chunk_elements_for(tokens.device)) // per_row)
     for start in range(0, m, per_chunk):
         sl = slice(start, start + per_chunk)
         logits = generator(
