@@ -98,6 +98,9 @@ class DecodingSettings:
         n_docs: docs read per answer; None = the model's n_docs (as trained).
         length_penalty, early_stopping: as transformers' generate (beam ranking only).
         num_return_sequences: R, the n-best answers kept (the others become Answer.alternatives).
+        score_chunk_elements: RAG-Sequence decoders only: the most floats (logits and cached keys/values)
+            one chunk of thorough scoring holds; None: the device's default (2**24 = 64 MB of float32 on a
+            CPU, 2**28 on a GPU); lower it to bound memory at many docs.
     """
 
     strategy: str | None = None
@@ -108,12 +111,16 @@ class DecodingSettings:
     length_penalty: float = 1.0
     early_stopping: bool | str = False
     num_return_sequences: int = 1
+    score_chunk_elements: int | None = None
 
     def search_kwargs(self) -> dict[str, Any]:
-        """The keyword arguments every decoder in `STRATEGIES` takes (num_beams None: `DEFAULT_BEAMS`)."""
-        return dict(num_beams=self._num_beams(self.strategy), num_return_sequences=self.num_return_sequences,
-                    max_length=self.max_length, min_length=self.min_length, length_penalty=self.length_penalty,
-                    early_stopping=self.early_stopping)
+        """The keyword arguments the strategy's decoder in `STRATEGIES` takes (num_beams None: `DEFAULT_BEAMS`)."""
+        kwargs = dict(num_beams=self._num_beams(self.strategy), num_return_sequences=self.num_return_sequences,
+                      max_length=self.max_length, min_length=self.min_length, length_penalty=self.length_penalty,
+                      early_stopping=self.early_stopping)
+        if STRATEGY_MARGINALIZATION.get(self.strategy or "") == "sequence":
+            kwargs["score_chunk_elements"] = self.score_chunk_elements
+        return kwargs
 
     def for_model(self, model: RagModel) -> "DecodingSettings":
         """These settings with ``strategy``, ``num_beams`` and ``n_docs`` filled from ``model`` where None.

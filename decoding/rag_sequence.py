@@ -22,13 +22,12 @@ import torch
 from transformers import PreTrainedModel
 
 from decoding.beam import SearchOutput, SearchSettings, run_search, search_settings
+from decoding.contexts import EncodedContexts, encode_contexts
 from decoding.results import GenerationResult
 from decoding.scoring import (
-    SCORE_CHUNK_ELEMENTS,
     CachedDecoder,
     check_inputs,
     doc_posteriors,
-    encode_contexts,
     sequence_loglik,
     starts_with_bos,
     teacher_forced_logprobs,
@@ -79,14 +78,13 @@ class _Scoring:
     """What both scorers may read (built once per batch)."""
 
     generator: PreTrainedModel
-    states: torch.Tensor  # (B*K, L, H) encoder states
-    mask: torch.Tensor  # (B*K, L)
+    contexts: EncodedContexts  # the B*K contexts: encoder states, cross-attention keys/values
     found: SearchOutput  # (B*K*W, T) per-doc beam outputs
     candidates: Candidates
     skip_first: torch.Tensor  # (B,) drop the shared first BOS from every score
     settings: SearchSettings
     n_docs: int
-    chunk_elements: int
+    chunk_elements: int | None  # None: the device's default
 
 
 def thorough_loglik(s: _Scoring) -> torch.Tensor:
@@ -102,7 +100,7 @@ def thorough_loglik(s: _Scoring) -> torch.Tensor:
     question, cand, doc = missing.unbind(1)
     tokens = s.candidates.tokens[question, cand]  # (M, T)
     rows = question * k + doc  # (M,) encoder row b*K+k
-    token_lp = teacher_forced_logprobs(s.generator, s.states, s.mask, rows, tokens, s.chunk_elements)  # (M, T)
+    token_lp = teacher_forced_logprobs(s.generator, s.contexts, rows, tokens, s.chunk_elements)  # (M, T)
     known[question, cand, doc] = sequence_loglik(tokens, token_lp, s.settings.pad_token_id, s.skip_first[question])
     return known
 
@@ -142,7 +140,7 @@ def rag_sequence_generate(
     num_return_sequences: int = 1,
     length_penalty: float = 1.0,
     early_stopping: bool | str = False,
-    score_chunk_elements: int = SCORE_CHUNK_ELEMENTS,
+    score_chunk_elements: int | None = None,
 ) -> GenerationResult:
     """RAG-Sequence decoding ("thorough" or "fast") of a batch; see the module docstring.
 
@@ -154,24 +152,32 @@ def rag_sequence_generate(
         mode: "thorough" (score every candidate under every doc) or "fast".
         num_beams: beams per doc (1: greedy per doc); num_return_sequences <= num_beams per question.
         max_length, min_length, length_penalty, early_stopping: of the per-doc searches, as transformers'.
-        score_chunk_elements: cap on logits held at once by the thorough scoring pass.
+        score_chunk_elements: cap on the floats (logits, cached keys/values) one chunk of the thorough
+            scoring pass holds; at least one row is scored per chunk. None: the device's default
+            (`decoding.scoring.SCORE_CHUNK_ELEMENTS`: 2**24 on a CPU, 2**28 on a GPU).
+
+    Raises InputError for an unknown mode, score_chunk_elements < 1, or inputs of mismatched shapes.
     """
     if mode not in SCORERS:
         raise InputError(f"unknown RAG-Sequence decoding mode {mode!r}", setting="mode",
                          fix=f"use one of {sorted(SCORERS)}")
+    if score_chunk_elements is not None and score_chunk_elements < 1:
+        raise InputError(f"score_chunk_elements={score_chunk_elements}", setting="decoding.score_chunk_elements",
+                         fix="use a positive number of floats, or null for the device's default")
     batch, k = check_inputs(context_input_ids, context_attention_mask, doc_scores, n_docs)
     search = dict(max_length=max_length, min_length=min_length, length_penalty=length_penalty,
                   early_stopping=early_stopping)
     returned = search_settings(generator, num_beams=num_beams, num_return_sequences=num_return_sequences, **search)
     per_doc = search_settings(generator, num_beams=num_beams, num_return_sequences=num_beams, **search)
-    states = encode_contexts(generator, context_input_ids, context_attention_mask)  # (B*K, L, H)
-    rows = torch.arange(batch * k, device=states.device).repeat_interleave(num_beams)  # (B*K*W,)
-    decoder = CachedDecoder(generator, states, context_attention_mask, rows)
+    contexts = encode_contexts(generator, context_input_ids, context_attention_mask)  # B*K contexts, encoded once
+    device = context_input_ids.device
+    rows = torch.arange(batch * k, device=device).repeat_interleave(num_beams)  # (B*K*W,)
+    decoder = CachedDecoder(generator, contexts, rows)
     found = run_search(lambda tokens, origin: (decoder(tokens, origin).log_softmax(-1), None), batch * k, per_doc,
-                       states.device)
+                       device)
     candidates = union_of_hypotheses(found.sequences, batch)
     skip = starts_with_bos(candidates.tokens, candidates.valid, per_doc.bos_token_id)  # (B,)
-    scoring = _Scoring(generator, states, context_attention_mask, found, candidates, skip, per_doc, k,
+    scoring = _Scoring(generator, contexts, found, candidates, skip, per_doc, k,
                        score_chunk_elements)
     loglik = SCORERS[mode](scoring)  # (B, N, K)
     posteriors, marginal = doc_posteriors(doc_scores, loglik)  # (B, N, K), (B, N)

@@ -18,8 +18,9 @@ import torch
 from transformers import PreTrainedModel
 
 from decoding.beam import SearchSettings, StepFn, run_search, search_settings
+from decoding.contexts import encode_contexts
 from decoding.results import GenerationResult
-from decoding.scoring import CachedDecoder, check_inputs, doc_posteriors, encode_contexts
+from decoding.scoring import CachedDecoder, check_inputs, doc_posteriors
 from rag_models.marginalize import rag_token_step_logprobs
 
 
@@ -88,13 +89,14 @@ def rag_token_generate(
         length_penalty=length_penalty,
         early_stopping=early_stopping,
     )
-    states = encode_contexts(generator, context_input_ids, context_attention_mask)  # (B*K, L, H)
+    contexts = encode_contexts(generator, context_input_ids, context_attention_mask)  # B*K contexts, encoded once
+    device = context_input_ids.device
     w = settings.num_beams
-    rows = torch.arange(batch * k, device=states.device).view(batch, 1, k)  # (B, 1, K)
+    rows = torch.arange(batch * k, device=device).view(batch, 1, k)  # (B, 1, K)
     beam_rows = rows.expand(batch, w, k).reshape(-1)  # (B*W*K,)
-    decoder = CachedDecoder(generator, states, context_attention_mask, beam_rows)
+    decoder = CachedDecoder(generator, contexts, beam_rows)
     step = marginal_step(decoder, doc_scores.repeat_interleave(w, dim=0), settings)  # doc scores (B*W, K)
-    found = run_search(step, batch, settings, states.device, extra_dims=k)
+    found = run_search(step, batch, settings, device, extra_dims=k)
     r = settings.num_return_sequences
     doc_loglik = found.extra.view(batch, r, k)  # (B, R, K)
     posteriors, _ = doc_posteriors(doc_scores, doc_loglik)  # (B, R, K)

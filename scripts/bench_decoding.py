@@ -1,7 +1,8 @@
 """Time our RAG decoders against transformers' on the same model and inputs, side by side.
 
 Random-init models (no download): ``--size tiny`` is the demo's BART (d_model 128,
-2+2 layers, vocab 1000), ``--size bart-large`` has BART-large's dimensions (use a GPU).
+2+2 layers, vocab 1000, 5 docs), ``mid`` has d_model 256, 4+4 layers, vocab 8000 and
+10 docs, ``large`` has BART-large's dimensions (vocab 50265, 10 docs; use a GPU).
 Every run decodes the same B questions x K docs with W beams and exactly
 ``--new-tokens`` new tokens (min_length = max_length, so no hypothesis ends early).
 Cases run round-robin (a load change on a shared machine hits all alike); the table
@@ -9,11 +10,17 @@ gives median wall seconds and median CPU seconds of this process (on a busy CPU 
 latter is the steadier figure; on a GPU it is host time only).
 
     python scripts/bench_decoding.py                      # CPU, tiny, prints a table
-    python scripts/bench_decoding.py --size bart-large --device cuda
+    python scripts/bench_decoding.py --size mid --json out/decoding.json
+    python scripts/bench_decoding.py --size mid --n-docs 50 --batch 2 --runs 3
+    python scripts/bench_decoding.py --size large --device cuda
 """
 from __future__ import annotations
 
 import argparse
+import json
+import os
+import platform
+import shlex
 import statistics
 import sys
 import time
@@ -44,7 +51,9 @@ from decoding.rag_token import rag_token_generate  # noqa: E402
 SIZES: dict[str, dict[str, int | float]] = {
     "tiny": dict(vocab_size=1000, d_model=128, encoder_layers=2, decoder_layers=2, encoder_attention_heads=4,
                  decoder_attention_heads=4, encoder_ffn_dim=256, decoder_ffn_dim=256, init_std=0.06),
-    "bart-large": dict(vocab_size=50265, d_model=1024, encoder_layers=12, decoder_layers=12, encoder_attention_heads=16,
+    "mid": dict(vocab_size=8000, d_model=256, encoder_layers=4, decoder_layers=4, encoder_attention_heads=4,
+                decoder_attention_heads=4, encoder_ffn_dim=1024, decoder_ffn_dim=1024, init_std=0.06),
+    "large": dict(vocab_size=50265, d_model=1024, encoder_layers=12, decoder_layers=12, encoder_attention_heads=16,
                        decoder_attention_heads=16, encoder_ffn_dim=4096, decoder_ffn_dim=4096, init_std=0.02),
 }
 
@@ -94,14 +103,56 @@ def print_table(results: dict[str, dict]) -> None:
     print(f"{'case':<48}{'wall s':>9}{'cpu s':>9}")
     for name, r in results.items():
         print(f"{name:<48}{r['wall']:>9.4f}{r['cpu']:>9.4f}")
-    for label, slow, fast in [
-        ("rag-token beam: transformers / ours", "rag-token beam / transformers", "rag-token beam / ours"),
-        ("rag-seq thorough: transformers / ours", "rag-seq thorough / transformers", "rag-seq thorough / ours"),
-        ("rag-seq: our thorough / our fast", "rag-seq thorough / ours", "rag-seq fast / ours"),
-    ]:
+    for label, slow, fast, _ in RATIOS:
         wall = results[slow]["wall"] / results[fast]["wall"]
         cpu = results[slow]["cpu"] / results[fast]["cpu"]
         print(f"{label:<48}{wall:>8.2f}x{cpu:>8.2f}x")
+
+
+# size -> docs per question when --n-docs is not given
+DEFAULT_DOCS = {"tiny": 5, "mid": 10, "large": 10}
+# (measure, slow case, fast case, target on slow/fast); the first two compare with transformers, the last
+# our thorough with our fast (there the ratio is ours/peer, lower is better)
+RATIOS = [
+    ("rag-token beam: transformers / ours", "rag-token beam / transformers", "rag-token beam / ours", None),
+    ("rag-seq thorough: transformers / ours", "rag-seq thorough / transformers", "rag-seq thorough / ours", 3.0),
+    ("rag-seq: our thorough / our fast", "rag-seq thorough / ours", "rag-seq fast / ours", 2.0),
+]
+
+
+def machine(device: str) -> str:
+    """One line: the CPU (cores, load) or the GPU the cases ran on."""
+    if device.startswith("cuda"):
+        return f"GPU {torch.cuda.get_device_name(device)}"
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    return f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores, load {load:.1f}"
+
+
+def contract_rows(results: dict[str, dict], size: str, k: int) -> list[dict]:
+    """The benchmark-contract rows: median wall seconds, ratio peer/ours (ours/peer for thorough/fast)."""
+    rows = []
+    for label, slow, fast, target in RATIOS:
+        against_fast = slow.endswith("/ ours")  # our thorough against our fast: lower is better
+        ours, peer = (results[slow], results[fast]) if against_fast else (results[fast], results[slow])
+        ratio = ours["wall"] / peer["wall"] if against_fast else peer["wall"] / ours["wall"]
+        met = None if target is None else (ratio <= target if against_fast else ratio >= target)
+        rows.append({"measure": f"{label} ({k} docs)" + (" [ratio = ours/peer]" if against_fast else ""),
+                     "size": size, "ours": round(ours["wall"], 4), "peer": round(peer["wall"], 4),
+                     "peer_name": fast if against_fast else slow, "unit": "s", "ratio": round(ratio, 3),
+                     "target": None if target is None else (f"<= {target}x" if against_fast else f">= {target}x"),
+                     "met": met})
+    return rows
+
+
+def write_json(path: str, rows: list[dict], device: str) -> None:
+    """The benchmark contract's JSON (script, command, machine, rows), written whole or not at all."""
+    payload = {"script": "scripts/bench_decoding.py", "command": shlex.join(["python", *sys.argv]),
+               "machine": machine(device), "rows": rows}
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp")
+    tmp.write_text(json.dumps(payload, indent=2) + "\n", encoding="utf-8")
+    os.replace(tmp, out)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -109,8 +160,9 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size", choices=sorted(SIZES), default="tiny")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--json", metavar="PATH", help="write the benchmark-contract rows here")
     parser.add_argument("--batch", type=int, default=8)
-    parser.add_argument("--n-docs", type=int, default=5)
+    parser.add_argument("--n-docs", type=int, default=None, help="docs per question (default: 5 tiny, 10 mid/large)")
     parser.add_argument("--num-beams", type=int, default=4)
     parser.add_argument("--new-tokens", type=int, default=20)
     parser.add_argument("--source-length", type=int, default=64, help="tokens per (question, doc) context")
@@ -121,8 +173,9 @@ def main(argv: list[str] | None = None) -> None:
     warnings.filterwarnings("ignore")
     hf_logging.set_verbosity_error()  # transformers' RAG-Sequence warns that it drops the attention mask
 
-    bart, hf_token, hf_sequence = build_models(args.size, args.n_docs, args.device)
-    b, k = args.batch, args.n_docs
+    k = args.n_docs or DEFAULT_DOCS[args.size]
+    bart, hf_token, hf_sequence = build_models(args.size, k, args.device)
+    b = args.batch
     gen = torch.Generator().manual_seed(0)
     ids = torch.randint(4, bart.config.vocab_size, (b * k, args.source_length), generator=gen)  # (B*K, L), no padding
     ids[:, 0], ids[:, -1] = 0, 2
@@ -152,6 +205,8 @@ def main(argv: list[str] | None = None) -> None:
     same_token = torch.equal(results["rag-token beam / ours"]["out"], results["rag-token beam / transformers"]["out"])
     same_seq = torch.equal(results["rag-seq thorough / ours"]["out"], results["rag-seq thorough / transformers"]["out"])
     print(f"identical token ids: rag-token beam {same_token}, rag-seq thorough {same_seq}")
+    if args.json:
+        write_json(args.json, contract_rows(results, args.size, k), args.device)
 
 
 if __name__ == "__main__":

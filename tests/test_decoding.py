@@ -19,9 +19,11 @@ from transformers.generation.logits_process import NoRepeatNGramLogitsProcessor
 from decoding.answer import STRATEGIES, Answer, DecodingSettings, answer, decode_retrieved
 from decoding.ask_cli import main as ask_main
 from decoding.beam import SearchSettings, beam_search, greedy_search, process_logprobs, repeated_ngram_tokens
+from decoding.contexts import EncodedContexts, encode_contexts
 from decoding.rag_sequence import rag_sequence_generate
 from decoding.rag_token import rag_token_generate
 from decoding.retrieve import retrieve
+from decoding.scoring import teacher_forced_logprobs
 from rag_models.errors import InputError
 from rag_models.tiny_models import TinyBartSize, tiny_bart
 from rag_models.tokenization import train_bart_tokenizer
@@ -314,3 +316,33 @@ def test_no_repeat_ngram_bans_what_transformers_bans(n: int):
     history = torch.tensor([[2, 5, 6, 5]])
     processed = process_logprobs(torch.zeros(1, 8), 4, settings, history)
     assert processed[0, 6] == -math.inf and torch.isfinite(processed[0, 5])  # "5 6" again is banned
+
+
+def test_contexts_project_cross_attention_once_and_score_as_without(tiny):
+    """The thorough pass reads each context's cross-attention keys/values from one projection, with equal scores."""
+    model, ids, mask = tiny["bart"], tiny["ids"], tiny["mask"]
+    with torch.no_grad():
+        contexts = encode_contexts(model, ids, mask)
+        assert contexts.cross is not None  # BART keeps them in an EncoderDecoderCache
+        assert contexts.cross.layers[0].keys.shape[0] == ids.shape[0]  # one projection per context
+        rows = torch.tensor([2, 0, 2, 1, 0])  # (M,) several candidates per context
+        tokens = torch.randint(4, model.config.vocab_size, (5, 6), generator=torch.Generator().manual_seed(3))
+        tokens[:, 0] = model.config.decoder_start_token_id
+        cached = teacher_forced_logprobs(model, contexts, rows, tokens, chunk_elements=1)  # one row per chunk
+        plain = teacher_forced_logprobs(model, EncodedContexts(contexts.states, mask, None), rows, tokens)
+    torch.testing.assert_close(cached, plain, atol=1e-5, rtol=0)
+    assert bool((cached[:, 1:] < 0).all())
+
+
+def test_score_chunk_elements_bounds_memory_not_results(tiny):
+    """Scoring one row per chunk gives the scores of one chunk for all; a non-positive cap is refused by name."""
+    args = (tiny["bart"], tiny["ids"], tiny["mask"], tiny["scores"])
+    search = dict(num_beams=2, max_length=6, min_length=6)
+    whole = rag_sequence_generate(*args, **search)
+    rows = rag_sequence_generate(*args, score_chunk_elements=1, **search)
+    assert torch.equal(whole.sequences, rows.sequences)
+    torch.testing.assert_close(whole.scores, rows.scores, atol=1e-5, rtol=0)
+    assert "score_chunk_elements" in DecodingSettings(strategy="thorough").search_kwargs()
+    assert "score_chunk_elements" not in DecodingSettings(strategy="beam").search_kwargs()
+    with pytest.raises(InputError, match="score_chunk_elements"):
+        rag_sequence_generate(*args, score_chunk_elements=0, **search)

@@ -117,6 +117,10 @@ class QADataModule(pl.LightningDataModule):
         seed: epoch e's shuffle is drawn from ``seed + e`` (the same on every rank).
         drop_last: cut each epoch's order to a multiple of the world size W instead of wrapping around to
             pad it (at most W - 1 training pairs left out); a rank's last, partial batch is still trained on.
+        group_by_length: 0 (off) or n: within each window of n global batches of the shuffled order, training
+            pairs are sorted by length (characters of question + target), so a batch pads its questions and
+            answers to similar lengths; exact resume is kept (`ResumableSampler`). The passages are retrieved
+            later and are not grouped.
 
     Raises InputError for an unknown ``answers`` or a batch size below 1; ``setup`` raises it for a malformed
     or empty question file, and when fitting without training questions.
@@ -140,8 +144,12 @@ class QADataModule(pl.LightningDataModule):
         num_workers: int = 0,
         seed: int = 0,
         drop_last: bool = False,
+        group_by_length: int = 0,
     ) -> None:
         super().__init__()
+        if group_by_length < 0:
+            raise InputError(f"group_by_length={group_by_length}", setting="data.group_by_length",
+                             fix="use 0 (off) or a window of n >= 1 batches")
         if answers not in ANSWER_CHOICES:
             raise InputError(f"unknown answers={answers!r}", setting="data.answers",
                              fix=f"use one of {sorted(ANSWER_CHOICES)}")
@@ -157,6 +165,7 @@ class QADataModule(pl.LightningDataModule):
         self.num_workers = num_workers
         self.seed = seed
         self.drop_last = drop_last
+        self.group_by_length = group_by_length
         self.train_sampler: ResumableSampler | None = None
         self._resume: tuple[int, int] | None = None
         self.splits: dict[str, list[QAExample]] = {}
@@ -186,8 +195,12 @@ class QADataModule(pl.LightningDataModule):
         """Shuffled per epoch from ``seed``; rank r of W gets every W-th example."""
         dataset = TrainPairs(self.splits["train"], self.choose)
         rank, world = self._rank_world()
+        grouping = {}
+        if self.group_by_length:
+            grouping = {"lengths": [len(q) + len(t) for q, t, _ in dataset.items],
+                        "group_size": self.group_by_length * self.batch_size * world}  # n global batches
         self.train_sampler = ResumableSampler(len(dataset), seed=self.seed, rank=rank, world_size=world,
-                                              drop_last=self.drop_last)
+                                              drop_last=self.drop_last, **grouping)
         if self._resume is not None:
             self.resume_at(*self._resume)
         return self._loader(dataset, self.train_sampler, self.batch_size)

@@ -33,23 +33,35 @@ class ResumableSampler(Sampler[int]):
         world_size: W, the number of processes sharing the dataset.
         drop_last: cut the order to a multiple of W (at most W - 1 examples left out) instead of wrapping
             around to pad it.
+        lengths: per example, a length to group by (e.g. characters of question + answer); None: no grouping.
+        group_size: with ``lengths``, the shuffled order is cut into windows of this many positions and each
+            window is sorted longest first, so that a batch (W*b consecutive positions) holds examples of
+            similar length and pads little; a window of many batches keeps the epoch shuffled at large.
+            The grouped order is still a function of ``seed + e`` alone: resume stays exact.
 
-    Raises InputError for an empty dataset or a rank outside [0, world_size).
+    Raises InputError for an empty dataset, a rank outside [0, world_size), lengths not one per example, or
+    lengths with a group_size below 1.
     """
 
     def __init__(self, num_examples: int, *, seed: int = 0, shuffle: bool = True, rank: int = 0,
-                 world_size: int = 1, drop_last: bool = False) -> None:
+                 world_size: int = 1, drop_last: bool = False, lengths: list[int] | None = None,
+                 group_size: int = 0) -> None:
         if num_examples < 1:
             raise InputError("the training set is empty", setting="data.train_file",
                              fix="point it at a file with questions")
         if not 0 <= rank < world_size:
             raise InputError(f"rank {rank} outside a world of {world_size}", setting="trainer.devices")
+        if lengths is not None and (len(lengths) != num_examples or group_size < 1):
+            raise InputError(f"{len(lengths)} lengths for {num_examples} examples, group_size={group_size}",
+                             setting="data.group_by_length", fix="give one length per example and a window >= 1")
         self.num_examples = num_examples
         self.seed = seed
         self.shuffle = shuffle
         self.rank = rank
         self.world_size = world_size
         self.drop_last = drop_last
+        self.lengths = lengths
+        self.group_size = group_size
         self.epoch = 0
         self._skip = 0  # examples of `self.epoch` this rank already consumed before a resume
 
@@ -77,6 +89,8 @@ class ResumableSampler(Sampler[int]):
             order = torch.randperm(self.num_examples, generator=generator).tolist()
         else:
             order = list(range(self.num_examples))
+        if self.lengths is not None:
+            order = group_by_length(order, self.lengths, self.group_size)
         total = len(self) * self.world_size
         while len(order) < total:  # wrap around: a few examples appear twice in this epoch
             order += order[: total - len(order)]
@@ -86,6 +100,15 @@ class ResumableSampler(Sampler[int]):
         skip, self._skip = self._skip, 0  # a resume position is used once
         mine = self.global_order(self.epoch)[self.rank :: self.world_size]
         return iter(mine[skip:])
+
+
+def group_by_length(order: list[int], lengths: list[int], group_size: int) -> list[int]:
+    """``order`` with each window of ``group_size`` consecutive positions sorted by length, longest first.
+
+    The sort is stable (ties keep their shuffled order) and never moves an example out of its window.
+    """
+    return [i for start in range(0, len(order), group_size)
+            for i in sorted(order[start : start + group_size], key=lambda i: -lengths[i])]
 
 
 class EvalShardSampler(Sampler[int]):
