@@ -18,6 +18,8 @@ The context is [bos] question // title / passage [eos], cut at 300 tokens. Retri
 the doc vectors are random (B, K, D), as an index hands them over. Sizes: tiny (BART d128 2+2,
 vocab 1000; DPR d64 2 layers), mid (BART d256 4+4, vocab 8000; DPR d256 4 layers), large
 (BART-large + DPR-base: use a GPU, bf16 autocast by default there).
+Besides the step time: questions/s, real (unpadded) context tokens/s, and on a GPU the peak memory of
+each side and its model FLOPs utilization (6 x parameters x real tokens per step, over the bf16 peak).
 
     python scripts/bench_training.py --size tiny
     python scripts/bench_training.py --size mid --json out/training.json
@@ -190,6 +192,64 @@ def timed(fn: Callable[[], float], device: torch.device) -> float:
     return time.perf_counter() - start
 
 
+# Dense bf16 peak of the GPUs RAG is trained on (vendor data sheets, without sparsity), for model FLOPs utilization.
+PEAK_BF16_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10": 125e12}
+
+
+def step_flops(model: RagModel, batch: dict) -> float:
+    """Model FLOPs of one training step on ``batch``: 6 x parameters x tokens (forward + backward), counting the
+    real (unpadded) tokens each network reads: the generator's contexts and answers, the question encoder's
+    questions. The same work for both implementations, so MFU compares what each makes of it."""
+    generator = sum(p.numel() for p in model.generator.parameters())
+    question = sum(p.numel() for p in model.question_encoder.parameters())
+    k = batch["docs"].ids.shape[1]
+    generator_tokens = int(batch["context_attention_mask"].sum()) + k * int((batch["target"] != 1).sum())
+    return 6.0 * (generator * generator_tokens + question * int(batch["question_attention_mask"].sum()))
+
+
+def peak_flops(device: torch.device) -> float | None:
+    """The device's dense bf16 peak FLOP/s when known (PEAK_BF16_FLOPS), else None (no MFU on CPU)."""
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((flops for key, flops in PEAK_BF16_FLOPS.items() if key in name), None)
+
+
+def peak_memory_gb(fn: Callable[[], float], device: torch.device) -> float | None:
+    """Peak GPU memory (GB) of one more step of ``fn``; None off CUDA."""
+    if device.type != "cuda":
+        return None
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats(device)
+    fn()
+    torch.cuda.synchronize()
+    return torch.cuda.max_memory_allocated(device) / 1e9
+
+
+def throughput_rows(label: str, size: str, seconds: dict[str, float], flops: float, batch: int,
+                    tokens: float, peak: float | None, memory: dict[str, float | None]) -> list[dict]:
+    """Questions/s, tokens/s, MFU and peak memory of ours and transformers (contract rows, no targets)."""
+    peer_name = "transformers, same weights and batches"
+    rows = []
+    rates = (("questions/s", "q/s", lambda t: batch / t), ("context tokens/s", "tokens/s", lambda t: tokens / t))
+    for measure, unit, of in rates:
+        mine, peer = of(seconds["ours"]), of(seconds["transformers"])
+        rows.append({"measure": f"{label}: {measure}", "size": size, "ours": round(mine, 2), "peer": round(peer, 2),
+                     "peer_name": peer_name, "unit": unit, "ratio": round(mine / peer, 3), "target": None,
+                     "met": None})
+    if peak:
+        mine, peer = (100 * flops / seconds[name] / peak for name in ("ours", "transformers"))
+        rows.append({"measure": f"{label}: model FLOPs utilization", "size": size, "ours": round(mine, 2),
+                     "peer": round(peer, 2), "peer_name": peer_name, "unit": "% of bf16 peak",
+                     "ratio": round(mine / peer, 3), "target": None, "met": None})
+    if memory["ours"] is not None:
+        rows.append({"measure": f"{label}: peak GPU memory (ours / peer)", "size": size,
+                     "ours": round(memory["ours"], 2), "peer": round(memory["transformers"], 2),
+                     "peer_name": peer_name, "unit": "GB", "ratio": round(memory["ours"] / memory["transformers"], 3),
+                     "target": None, "met": None})
+    return rows
+
+
 def machine(device: torch.device) -> str:
     if device.type == "cuda":
         return f"GPU {torch.cuda.get_device_name(device)}"
@@ -246,6 +306,7 @@ def main(argv: list[str] | None = None) -> None:
         times: dict[str, list[float]] = {name: [] for name in cases}
         for fn in cases.values():  # warm-up
             fn(), fn()
+        memory = {name: peak_memory_gb(fn, device) for name, fn in cases.items()}
         for _ in tqdm(range(args.runs), desc=f"rag-{marginalization} rounds", file=sys.stderr):
             for name, fn in cases.items():
                 times[name].append(timed(fn, device))
@@ -259,6 +320,10 @@ def main(argv: list[str] | None = None) -> None:
                      "peer_name": f"transformers Rag{marginalization.title()}ForGeneration, contexts padded to "
                                   f"{MAX_COMBINED_LENGTH}",
                      "unit": "s", "ratio": round(ratio, 3), "target": ">= 1.3x", "met": ratio >= 1.3})
+        flops = statistics.mean(step_flops(ours, b) for b in ours_batches)
+        tokens = statistics.mean(float(b["context_attention_mask"].sum()) for b in ours_batches)
+        rows += throughput_rows(f"rag-{marginalization} step", args.size, {"ours": mine, "transformers": peer},
+                                flops, args.batch, tokens, peak_flops(device), memory)
     print(f"size={args.size} device={device} {precision} threads={args.threads}; question lengths: {source}; "
           f"our context lengths per batch (padded to the longest): {lengths} vs {MAX_COMBINED_LENGTH}; "
           f"medians of {args.runs} interleaved steps after 2 warm-ups")

@@ -50,7 +50,7 @@ WHEEL_MODULES = {
 }
 # name, script, its share of the budget (s): the benchmark rows of the report
 BENCHMARKS = (
-    ("train step (BART-large + DPR-base, bf16, batch 8 x 5 docs)", "scripts/bench_train_step.py", 80),
+    ("train step (BART-large + DPR-base, bf16, batch 8 x 5 docs)", "scripts/bench_training.py", 80),
     ("decoding (thorough 50 docs, RAG-Token greedy 15 docs)", "scripts/bench_decoding.py", 60),
     ("index (torch fp16 1M x 768 vs faiss Flat on CPU)", "scripts/bench_index.py", 60),
     ("DPR-base passage encoding", "scripts/bench_encode.py", 30),
