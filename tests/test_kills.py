@@ -205,12 +205,17 @@ def straight_build(tiny_setup: TinySetup, tmp_path_factory) -> Path:
 
 
 def _store_files(directory: Path) -> dict[str, object]:
-    """The bytes of a passage store's files; of meta.json, its content less the creation time."""
+    """The bytes of a passage store's files; of meta.json, its content less the creation time; of checksums.json,
+    its entries less meta.json's (whose hash covers that time). The hidden `.checksums.verified` marker names this
+    copy's inodes, not its content: left out."""
     files: dict[str, object] = {}
-    for path in sorted(p for p in directory.rglob("*") if p.is_file()):
+    for path in sorted(p for p in directory.rglob("*") if p.is_file() and not p.name.startswith(".")):
         files[path.name] = path.read_bytes()
         if path.name == "meta.json":
             files[path.name] = {k: v for k, v in json.loads(path.read_text()).items() if k != "created"}
+        if path.name == "checksums.json":
+            listed = json.loads(path.read_text())["files"]
+            files[path.name] = {name: entry for name, entry in listed.items() if name != "meta.json"}
     return files
 
 
