@@ -3,8 +3,8 @@ of the run survives or writes after the kill, and the rerun removes the leftover
 result (vectors, index, passage store; weights and best checkpoint; predictions and metrics).
 
 Each kill runs the real command in its own process group under `kill_harness.kill_at`. The fast suite keeps
-the unit checks (sweep, a worker killed with its parent) and one in-process best-checkpoint kill; the real
-commands are killed in the slow part
+the unit checks (sweep, a worker killed with its parent), one in-process best-checkpoint kill and one real
+kill per command (store write, metrics write, best.ckpt write); the other moments are in the slow part
 (``KILL_REPORT=kills.jsonl pytest -m slow tests/test_kills.py`` also writes one line of figures per kill).
 """
 from __future__ import annotations
@@ -229,7 +229,8 @@ def _check_build_leftovers(out: Path) -> None:
 
 BUILD_MOMENTS = [
     # meta.json is the store's last file: the whole store is written, not yet renamed into place.
-    pytest.param(Moment("passage store write", "meta.json", stall=".passages.tmp-*"), marks=pytest.mark.slow),
+    # in `make test` (one real kill per command; the others are slow): ~10 s on 2 busy cores
+    pytest.param(Moment("passage store write", "meta.json", stall=".passages.tmp-*")),
     pytest.param(Moment("encode shard write (2nd shard)", ".shard_00001.npy.tmp-*", stall=".shard_00001.npy.tmp-*"),
                  marks=pytest.mark.slow),
     pytest.param(Moment("merge of the shards into vectors.npy", ".vectors.npy.tmp-*", stall=".vectors.npy.tmp-*"),
@@ -302,8 +303,8 @@ def _eval_results(out: Path) -> tuple[str, dict]:
 EVAL_MOMENTS = [
     pytest.param(1, Moment("predictions write", ".predictions.jsonl.tmp-*", stall=".predictions.jsonl.tmp-*"),
                  marks=pytest.mark.slow),
-    pytest.param(1, Moment("metrics write", ".metrics.json.tmp-*", stall=".metrics.json.tmp-*"),
-                 marks=pytest.mark.slow),  # 2 runs of rag-eval: 25-75 s on 2 busy cores
+    # in `make test` (one real kill per command): 2 runs of rag-eval, ~15 s on 2 busy cores
+    pytest.param(1, Moment("metrics write", ".metrics.json.tmp-*", stall=".metrics.json.tmp-*")),
     # kill -9 of the parent alone: its 2 workers must die with it, before rank 0 publishes predictions.
     pytest.param(2, Moment("predictions write, parent only", ".predictions.jsonl.tmp-*",
                            stall=".predictions.jsonl.tmp-*", leader_only=True), marks=pytest.mark.slow),
@@ -375,8 +376,9 @@ def _check_train_leftovers(run_dir: Path) -> None:
 TRAIN_MOMENTS = [
     pytest.param(1, Moment("last.ckpt write (step 3)", ".last.ckpt.tmp-*", min_bytes=1, stall=".last.ckpt.tmp-*"),
                  marks=pytest.mark.slow),
+    # in `make test` (one real kill per command: the one that lost a best checkpoint), ~30 s on 2 busy cores
     pytest.param(1, Moment("best.ckpt write (step 6, the final best)", ".best.ckpt.tmp-*", nth=2, min_bytes=1,
-                           stall=".best.ckpt.tmp-*"), marks=pytest.mark.slow),
+                           stall=".best.ckpt.tmp-*")),
     pytest.param(1, Moment("mid-epoch, right after last.ckpt of step 3", "last.ckpt"), marks=pytest.mark.slow),
     # the generator's weights (the 2nd model.safetensors) are in the export's temporary directory
     pytest.param(1, Moment("model export", "model.safetensors", nth=2, min_bytes=1, stall=".model.tmp-*"),
