@@ -101,7 +101,8 @@ def format_answer(question: str, found: Answer, top_docs: int, sources: Sequence
                          f"{abstain[0]:.3f}])")
         else:
             lines.append(f"{label} {candidate.text}    [score {candidate.score:.3f}]")
-        lines.append(f"   from: {support}")
+        if support:  # --top-docs 0: no passages shown
+            lines.append(f"   from: {support}")
     return "\n".join(lines)
 
 

@@ -239,6 +239,9 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     _check_sources(parser, args)
     check_device(args.device)
+    if args.fp16 and not str(args.device).startswith("cuda"):
+        print(f"rag-build-index: warning: --fp16 autocasts on CUDA only; encoding on {args.device} stays float32",
+              file=sys.stderr)
     try:
         if args.from_dataset is not None:
             _import(args)

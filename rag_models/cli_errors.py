@@ -17,6 +17,7 @@ import functools
 import os
 import sys
 import traceback
+import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any, TypeVar
@@ -73,6 +74,25 @@ def reported(prog: str) -> Iterator[None]:
         raise SystemExit(EXIT_USER_ERROR) from None
 
 
+@contextmanager
+def warnings_as_lines(prog: str) -> Iterator[None]:
+    """Python warnings as ``PROG: warning: message`` (one line, no source path or code line) while inside;
+    with ``--debug`` they keep Python's own format (file and line)."""
+    shown = warnings.showwarning
+
+    def show(message, category, filename, lineno, file=None, line=None) -> None:  # noqa: ANN001 - stdlib hook
+        if debugging():
+            shown(message, category, filename, lineno, file, line)
+            return
+        print(f"{prog}: warning: {_one_line(str(message))}", file=file or sys.stderr, flush=True)
+
+    warnings.showwarning = show
+    try:
+        yield
+    finally:
+        warnings.showwarning = shown
+
+
 def _without_debug(argv: list[str]) -> tuple[list[str], bool]:
     """``argv`` without ``--debug``, and whether it was there."""
     kept = [arg for arg in argv if arg != DEBUG_FLAG]
@@ -96,7 +116,7 @@ def command(prog: str) -> Callable[[F], F]:
                 os.environ[DEBUG_ENV] = "1"
             saved_argv = sys.argv
             try:
-                with reported(prog):
+                with reported(prog), warnings_as_lines(prog):
                     if argv is None:
                         sys.argv = [sys.argv[0], *kept]
                         return main()

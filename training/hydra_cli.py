@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import difflib
 from collections.abc import Sequence
+from pathlib import Path
 
 from hydra._internal.utils import get_args_parser
 from hydra.core.override_parser.overrides_parser import OverridesParser
@@ -91,7 +92,19 @@ def checked_compose(overrides: Sequence[str], config_name: str) -> DictConfig:
         with open_dict(cfg):
             cfg.paths.run_dir = RUN_DIR_PLACEHOLDER  # rag-train fills it with Hydra's run dir, after this check
     check_settings(cfg, config_name, reference)
+    _check_output_dir(cfg, "out_dir" if config_name == "eval" else "paths.run_dir")
     return cfg
+
+
+def _check_output_dir(cfg: DictConfig, setting: str) -> None:
+    """InputError when the directory a run writes into is an existing file (Hydra would fail creating it)."""
+    try:
+        value = OmegaConf.select(cfg, setting, default=None)
+    except Exception:  # noqa: BLE001 - an interpolation that only Hydra's run resolves: Hydra decides
+        return
+    if isinstance(value, str) and value != RUN_DIR_PLACEHOLDER and Path(value).exists() and not Path(value).is_dir():
+        raise InputError(f"{value} is a file, not a directory", setting=setting,
+                         fix="Give a directory path (it is created when missing)")
 
 
 def precheck(argv: Sequence[str], config_name: str) -> None:

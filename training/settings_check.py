@@ -51,6 +51,7 @@ AT_LEAST: dict[str, int] = {
                      "weight_decay", "gradient_clip_val", "lr", "lr_question_encoder", "lr_generator",
                      "lr_context_encoder", "limit_val_batches", "limit_test_batches", "label_smoothing",
                      "every_n_train_steps", "n"), 0),  # every_n_train_steps=0: no step checkpoints
+    "max_steps": 1, "max_epochs": 1,  # -1: no limit (UNLIMITED)
 }
 # -1 means "no limit" / "every device" to Lightning; ddp.yaml ships devices: -1.
 UNLIMITED = {"trainer.max_steps": -1, "trainer.max_epochs": -1, "trainer.devices": -1,
@@ -116,7 +117,8 @@ def _suggest(key: str, candidates: list[str], parent: str) -> str:
     close = difflib.get_close_matches(key, candidates, n=1, cutoff=0.6)
     if close:
         return f"Did you mean {parent}{close[0]}?"
-    shown = ", ".join(sorted(c for c in candidates if not c.startswith("_"))[:12])
+    valid = sorted({c for c in candidates if not c.startswith("_")})
+    shown = ", ".join(valid[:30]) + (f", ... ({len(valid)} in all; `--cfg job` prints them)" if len(valid) > 30 else "")
     return f"Valid keys here: {shown}" if shown else "Remove it"
 
 

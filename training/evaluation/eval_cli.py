@@ -27,6 +27,7 @@ from rag_models.leftovers import sweep_stale
 from training.config import CONFIG_DIR
 from training.evaluation.job import EvalJob, check_job, job_from_config, load_examples
 from training.evaluation.processes import launch
+from training.evaluation.report import remove_earlier_outputs
 from training.hydra_cli import precheck
 from training.settings_check import check_settings
 
@@ -52,6 +53,10 @@ def evaluate(job: DictConfig | EvalJob) -> dict[str, Any]:
     examples = load_examples(job)  # a bad question file fails here, before any process or model starts
     if int(os.environ.get("RANK", "0")) == 0:
         sweep_stale(job.out_dir, command="rag-eval", recursive=False)  # files of a killed evaluation
+        inputs = [job.abstain_below] if isinstance(job.abstain_below, str) else []  # a threshold.json it reads
+        if job.out_dir.is_dir() and (removed := remove_earlier_outputs(job.out_dir, keep=inputs)):
+            print(f"rag-eval: note: removed {removed} files of an earlier evaluation in {job.out_dir}",
+                  file=sys.stderr)
     # one process, or torchrun's ranks, reuse the questions read here: no second pass over the file
     return evaluate_sweep(job, values) if values else launch(job, examples)
 

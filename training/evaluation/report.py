@@ -7,8 +7,10 @@ Rank 0 scores the gathered records with rag-score's scorer and writes
 from __future__ import annotations
 
 import json
+import shutil
 from collections.abc import Sequence
 from dataclasses import asdict, replace
+from pathlib import Path
 from typing import Any
 
 from decoding.abstain import THRESHOLD_FILE
@@ -21,7 +23,32 @@ from training.evaluation.selective import abstention, threshold_record
 
 OUTPUT_FILES = ("predictions.jsonl", "report.md", "eval_job.json", "metrics.json")  # listed in checksums.json
 
+# Every file an evaluation (or a sweep) writes into its out_dir, besides the per-value `n_docs=K/` directories:
+# a new run into the same out_dir removes those of the earlier run first (`remove_earlier_outputs`).
+EARLIER_OUTPUTS = (*OUTPUT_FILES, "checksums.json", "report.html", "threshold.json", "summary.json", "summary.md",
+                   *(f"{name}.{suffix}" for name in ("recall_at_k", "risk_coverage", "em_vs_n_docs")
+                     for suffix in ("png", "svg")))
+
 RECALL_KS = (1, 5, 20, 100)
+
+
+def remove_earlier_outputs(out_dir: Path, keep: Sequence[str | Path] = ()) -> int:
+    """Remove what an earlier evaluation wrote into ``out_dir`` (files by name, and `n_docs=K/` directories
+    holding an eval_job.json), so that no stale metrics, threshold or sweep summary sits beside the new ones;
+    returns how many files and directories went. Files of other names, and the inputs in ``keep`` (a
+    threshold.json this run reads), are never touched."""
+    kept = {Path(path).resolve() for path in keep}
+    removed = 0
+    for name in EARLIER_OUTPUTS:
+        path = out_dir / name
+        if path.is_file() and path.resolve() not in kept:
+            path.unlink()
+            removed += 1
+    for path in out_dir.glob("n_docs=*"):
+        if path.is_dir() and (path / "eval_job.json").is_file():
+            shutil.rmtree(path)
+            removed += 1
+    return removed
 IN_MEMORY_ONLY = ("passage_texts",)  # record keys for report.html, not written to predictions.jsonl
 
 
