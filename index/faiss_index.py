@@ -8,6 +8,7 @@ them, so gradients and scores never inherit PQ's approximation.
 from __future__ import annotations
 
 import sys
+import threading
 from pathlib import Path
 
 import faiss
@@ -36,6 +37,21 @@ from rag_models.errors import InputError
 from rag_models.file_manifest import write_file_manifest
 
 _ADD_CHUNK = 65536  # rows added per faiss call: bounded RAM when the vectors are a memmap
+# A CPU Flat index searches 2 or more queries with faiss' BLAS path (its threshold forced to 1), one query with
+# the torch matmul + top-k: the faster of the two at each batch size on 200k x 768 (scripts/bench_index.py).
+BLAS_MIN_QUERIES = 2
+_BLAS_LOCK = threading.Lock()  # faiss' threshold is one process-wide setting
+
+
+def _blas_search(index: faiss.Index, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """faiss' own search with its matrix-multiply path at every batch size: scores (B, k), ids (B, k)."""
+    with _BLAS_LOCK:
+        default = faiss.cvar.distance_compute_blas_threshold
+        faiss.cvar.distance_compute_blas_threshold = 1
+        try:
+            return index.search(queries, k)
+        finally:
+            faiss.cvar.distance_compute_blas_threshold = default
 _FACTORY_FIX = "Use a faiss factory string such as Flat, HNSW32 or IVF4096,PQ64"
 
 
@@ -144,16 +160,21 @@ class DenseIndex:
         return self._top_k(queries, k)
 
     def _top_k(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        """faiss' search, except on a CPU Flat index: a torch matmul + top-k over the very vectors faiss holds.
+        """faiss' search; on a CPU Flat index with its matrix-multiply path at every batch size (one query: a torch
+        matmul + top-k over the very vectors faiss holds).
 
         faiss' Flat search leaves its matrix-multiply path below a threshold number of queries and then scans
         one query at a time: at 16 queries per call on 200k x 768 it was 5x slower than a matmul, and training
-        retrieves 8 questions a step. The scores are the same inner products (summed in another order: they
-        may differ in the last bits, and equal scores may swap places).
+        retrieves 8 questions a step. From 2 queries on, faiss' own blocked matrix multiply with its running top-k
+        (its BLAS path, forced on) beats a full (B, N) score matrix + top-k; for one query the torch path is as
+        fast or faster (scripts/bench_index.py prints the table). The scores are the same
+        inner products (summed in another order: they may differ in the last bits, and equal scores may swap).
         """
         flat = self._flat_vectors()
         if flat is None:
             return self.index.search(queries, k)  # (B, k), (B, k)
+        if len(queries) >= BLAS_MIN_QUERIES:
+            return _blas_search(self.index, queries, k)  # (B, k), (B, k)
         scores, ids = chunked_topk(torch.from_numpy(queries), host_chunks(flat, DEFAULT_CHUNK), k)  # (B, k) each
         return scores.numpy(), ids.numpy()
 

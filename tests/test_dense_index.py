@@ -42,16 +42,19 @@ def test_flat_equals_brute_force():
     np.testing.assert_allclose(scores, want_scores, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("batch", [1, 8, 16, 64])
+@pytest.mark.parametrize("batch", [1, 8, 16, 64, 600])
 def test_flat_search_matches_faiss_at_every_batch_size(batch):
-    # A CPU Flat index searches by matmul + top-k over faiss' own vectors (faiss scans query by query below
-    # its BLAS threshold); faiss' answer is the reference: same ids, scores to float rounding.
+    # A CPU Flat index searches by matmul + top-k over faiss' own vectors (1 query) or by faiss' BLAS path
+    # forced on (2 or more; faiss scans query by query below its threshold); faiss' default answer is the
+    # reference: same ids, scores to float rounding.
     rng = np.random.default_rng(batch)
     vectors, queries = rng.standard_normal((2000, D), dtype=np.float32), rng.standard_normal((batch, D),
                                                                                             dtype=np.float32)
     index = DenseIndex.build(vectors, factory="Flat", progress=False)
     np.testing.assert_array_equal(index._flat_vectors(), vectors)  # the path taken: faiss' storage, viewed
+    threshold = faiss.cvar.distance_compute_blas_threshold
     scores, ids = index.search(queries, K)
+    assert faiss.cvar.distance_compute_blas_threshold == threshold  # faiss' setting restored after the search
     want_scores, want_ids = index.index.search(queries, K)  # the faiss object itself
     np.testing.assert_array_equal(ids, want_ids)
     np.testing.assert_allclose(scores, want_scores, rtol=1e-5, atol=1e-5)
