@@ -24,7 +24,7 @@ from typing import TextIO
 
 import torch
 
-from decoding.abstain import answer_confidence, read_threshold
+from decoding.abstain import answer_confidence, read_threshold, transfer_warning
 from decoding.answer import STRATEGIES, Answer, DecodingSettings, answer
 from decoding.retrieve import RetrieverLike
 from rag_models.cli_errors import at_least, command, positive_int
@@ -167,6 +167,9 @@ def main(argv: list[str] | None = None) -> int:
 
     check_device(args.device)
     request_verify(args.verify)
+    if args.abstain_on is not None and args.abstain_below is None:
+        raise InputError(f"--abstain-on {args.abstain_on} is given without a threshold", setting="--abstain-on",
+                         fix="Add --abstain-below X (a number or rag-eval's threshold.json), or drop --abstain-on")
     abstain = None if args.abstain_below is None else read_threshold(args.abstain_below, args.abstain_on)
     model = load_rag_model(args.checkpoint).to(args.device).eval()
     index = IndexSettings(path=args.index, factory=None, backend=args.backend, nprobe=args.nprobe,
@@ -174,6 +177,11 @@ def main(argv: list[str] | None = None) -> int:
     retriever = index.open()
     settings = settings_from_args(args).for_model(model)
     print(f"rag-ask: decoding: {settings.summary()}", file=sys.stderr)
+    if abstain is not None:
+        decoder = {"decoding_summary": settings.summary(), "strategy": settings.strategy, "n_docs": settings.n_docs}
+        warning = transfer_warning(args.abstain_below, args.checkpoint, decoder)
+        if warning:
+            print(f"rag-ask: warning: {warning}", file=sys.stderr)
     ask(_questions(args.questions, sys.stdin), retriever, model, settings, args.top_docs,
         sys.stdout, sources=retriever.passages.sources, abstain=abstain)
     return 0

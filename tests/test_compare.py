@@ -69,3 +69,41 @@ def test_compare_refuses_other_questions(tmp_path, capsys):
         compare([a, c])
     assert main([str(a), str(tmp_path / "nothing")]) == 2
     assert "not a finished rag-eval run" in capsys.readouterr().err
+
+
+def test_compare_accepts_the_same_question_file_under_another_name(tmp_path, capsys):
+    (tmp_path / "test.jsonl").write_text('{"question": "q1", "answer": ["x"]}\n')
+    (tmp_path / "copy.jsonl").write_text('{"question": "q1", "answer": ["x"]}\n')
+    (tmp_path / "edited.jsonl").write_text('{"question": "q1", "answer": ["y"]}\n')
+    a = _run(tmp_path / "a", str(tmp_path / "test.jsonl"), [("q1", "x", True)])
+    b = _run(tmp_path / "b", str(tmp_path / "copy.jsonl"), [("q1", "y", False)])
+    assert "has the content of" in compare([a, b])["notes"][0]
+    assert main([str(a), str(b), "--out", str(tmp_path / "cmp")]) == 0
+    assert "same size and SHA-256" in capsys.readouterr().out
+    c = _run(tmp_path / "c", str(tmp_path / "edited.jsonl"), [("q1", "x", True)])
+    with pytest.raises(InputError, match="another content"):
+        compare([a, c])
+
+
+def test_compare_says_when_a_question_file_was_edited_in_between(tmp_path):
+    a = _run(tmp_path / "a", "test.jsonl", [("q1", "x", True), ("q2", "x", True)])
+    b = _run(tmp_path / "b", "test.jsonl", [("q1", "x", True), ("q9", "x", True)])
+    with pytest.raises(InputError, match="the question files differ") as refused:
+        compare([a, b])
+    assert "same limit" not in str(refused.value)
+
+
+def test_compare_refuses_a_directory_twice_a_negative_show_and_a_file_as_out(tmp_path, capsys):
+    a = _run(tmp_path / "a", "test.jsonl", [("q1", "x", True)])
+    b = _run(tmp_path / "b", "test.jsonl", [("q1", "y", False)])
+    with pytest.raises(InputError, match="given twice"):
+        compare([a, tmp_path / "x" / ".." / "a"])
+    with pytest.raises(SystemExit) as exited:
+        main([str(a), str(b), "--show", "-1"])
+    assert exited.value.code == 2 and "--show" in capsys.readouterr().err
+    taken = tmp_path / "taken.md"
+    taken.write_text("keep me")
+    assert main([str(a), str(b), "--out", str(taken)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("rag-compare: error: ") and "taken.md" in err and "existing file" in err
+    assert taken.read_text() == "keep me"

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from decoding.abstain import transfer_warning
 from decoding.retrieve import retrieve
 from index.settings import IndexSettings
 from rag_models.checkpoint import build_rag_model, load_rag_model, save_rag_model
@@ -18,7 +19,7 @@ from training.evaluation import figures
 from training.evaluation.answer_match import answer_in_text, answer_spans, answer_tokens
 from training.evaluation.eval_cli import evaluate
 from training.evaluation.metrics import recall_hits
-from training.evaluation.selective import abstention, risk_coverage, threshold_for_coverage
+from training.evaluation.selective import abstention, check_settings, risk_coverage, threshold_for_coverage
 
 LIMIT = 8
 
@@ -177,7 +178,49 @@ def test_abstention_marks_and_scores_the_answered():
         abstention(records, below=0.0, on=None, coverage=0.5)
 
 
-def test_threshold_chosen_on_dev_is_stored_and_read_back(parts, tmp_path):
+@pytest.mark.parametrize("below", [math.nan, math.inf, -math.inf, "nan", "-inf"])
+def test_non_finite_thresholds_are_refused(below, tmp_path):
+    records = _fake([-1.0, -3.0], [True, False])
+    with pytest.raises(InputError, match="abstain_below.*not a finite number"):
+        abstention(records, below=below, on=None, coverage=None)
+    saved = tmp_path / "threshold.json"
+    saved.write_text(json.dumps({"threshold": float(below), "abstain_on": "score"}))  # json writes NaN / Infinity
+    with pytest.raises(InputError, match="threshold.json.*not a finite number"):
+        abstention(records, below=str(saved), on=None, coverage=None)
+
+
+def test_posterior_thresholds_are_probabilities_and_abstain_on_needs_a_threshold(tmp_path):
+    records = _fake([-1.0, -3.0], [True, False])
+    for below in (-0.5, 1.01):
+        with pytest.raises(InputError, match=r"abstain_below.*not in \[0, 1\]"):
+            abstention(records, below=below, on="posterior", coverage=None)
+    saved = tmp_path / "threshold.json"
+    saved.write_text(json.dumps({"threshold": 2.0, "abstain_on": "posterior"}))
+    with pytest.raises(InputError, match=r"threshold.json.*not in \[0, 1\]"):
+        abstention(records, below=str(saved), on=None, coverage=None)
+    assert abstention(records, below=0.52, on="posterior", coverage=None)["coverage"] == 1 / 2  # max 0.51, 0.53
+    assert abstention(records, below=-0.5, on="score", coverage=None)["coverage"] == 0.0  # a score may be < 0
+    with pytest.raises(InputError, match="abstain_on.*without a threshold"):
+        check_settings(None, "posterior", None)
+
+
+def test_threshold_file_used_elsewhere_warns_naming_both(tmp_path):
+    saved = tmp_path / "threshold.json"
+    summary = "thorough, 1 beam per doc, 5 docs, max_length 40"
+    saved.write_text(json.dumps({"threshold": -1.0, "abstain_on": "score", "checkpoint": "runs/a/model",
+                                 "strategy": "thorough", "n_docs": 5, "decoding_summary": summary}))
+    same = {"decoding_summary": summary, "strategy": "thorough", "n_docs": 5}
+    assert transfer_warning(saved, "runs/a/model", same) is None
+    assert transfer_warning(-1.0, "runs/b/model", same) is None  # a number records nothing
+    warning = transfer_warning(saved, "runs/b/model", same)
+    assert "checkpoint runs/a/model (this run: runs/b/model)" in warning and "decoding" not in warning
+    other = transfer_warning(saved, "runs/a/model", {"decoding_summary": "fast, 1 beam per doc, 5 docs, "
+                                                                          "max_length 40"})
+    assert f"decoding {summary} (this run: fast, 1 beam" in other and "checkpoint" not in other
+    assert "n_docs 5 (this run: 10)" in transfer_warning(saved, "runs/a/model", {"strategy": None, "n_docs": 10})
+
+
+def test_threshold_chosen_on_dev_is_stored_and_read_back(parts, tmp_path, capsys):
     dev = _run(parts, tmp_path / "dev", "abstain_coverage=0.5")
     saved = json.loads((tmp_path / "dev" / "threshold.json").read_text())
     assert saved["threshold"] == dev["abstain_below"] and saved["abstain_on"] == "score"
@@ -186,6 +229,11 @@ def test_threshold_chosen_on_dev_is_stored_and_read_back(parts, tmp_path):
     assert again["abstain_below"] == saved["threshold"] and again["coverage"] == dev["coverage"]
     records = _records(tmp_path / "test" / "predictions.jsonl")
     assert [r["abstained"] for r in records] == [r["score"] < saved["threshold"] for r in records]
+    assert (saved["checkpoint"], saved["n_docs"], saved["strategy"]) == (str(parts["checkpoint"]), 3, dev["strategy"])
+    assert saved["decoding_summary"] == dev["decoding_summary"]
+    assert "warning" not in capsys.readouterr().err  # same checkpoint and decoder: nothing to say
+    _run(parts, tmp_path / "other", f"abstain_below={tmp_path / 'dev' / 'threshold.json'}", "n_docs=2")
+    assert "rag-eval: warning:" in capsys.readouterr().err  # (printed by check_abstention)
     with pytest.raises(InputError, match="abstain_on=score"):
         _run(parts, tmp_path / "x", f"abstain_below={tmp_path / 'dev' / 'threshold.json'}", "abstain_on=posterior")
     with pytest.raises(InputError, match="closed-book"):
@@ -292,7 +340,7 @@ def test_rag_ask_says_no_confident_answer_with_its_best_guess(parts, capsys, tmp
     assert f"A: no confident answer (best guess: {guess}    [score " in out and "from: " in out
     assert ask_main([*base, "--abstain-below=-1e9"]) == 0
     assert capsys.readouterr().out == plain
-    assert ask_main([*base, "--abstain-below", "1.01", "--abstain-on", "posterior"]) == 0
+    assert ask_main([*base, "--abstain-below", "1", "--abstain-on", "posterior"]) == 0  # max posterior < 1
     assert "no confident answer" in capsys.readouterr().out
     saved = tmp_path / "threshold.json"
     saved.write_text(json.dumps({"threshold": 0.0, "abstain_on": "score"}))
@@ -301,3 +349,12 @@ def test_rag_ask_says_no_confident_answer_with_its_best_guess(parts, capsys, tmp
     with pytest.raises(SystemExit) as exited:  # bad input: exit status 2 (rag_models/cli_errors.py)
         ask_main([*base, "--abstain-below", str(tmp_path / "missing.json")])
     assert exited.value.code == 2 and "threshold file" in capsys.readouterr().err
+    saved.write_text(json.dumps({"threshold": 0.0, "abstain_on": "score", "checkpoint": "runs/other/model"}))
+    assert ask_main([*base, "--abstain-below", str(saved)]) == 0
+    assert "rag-ask: warning: " in capsys.readouterr().err.split("checkpoint runs/other/model (this run: ")[0]
+    for bad, message in ((["--abstain-below", "nan"], "not a finite number"),
+                         (["--abstain-below", "1.01", "--abstain-on", "posterior"], r"not in [0, 1]"),
+                         (["--abstain-on", "posterior"], "without a threshold")):
+        with pytest.raises(SystemExit) as exited:
+            ask_main([*base, *bad])
+        assert exited.value.code == 2 and message in capsys.readouterr().err

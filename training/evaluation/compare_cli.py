@@ -7,7 +7,8 @@
 Prints and writes: each run's metrics in one table, with a bootstrap 95% interval of its EM
 (questions resampled, seeded); for each pair of runs, the questions one answers right and the
 other wrong (both answers) and the exact McNemar p-value of the EM difference
-(training/evaluation/paired_stats.py). Runs over different question files are refused, by name.
+(training/evaluation/paired_stats.py). Runs over different question files are refused: a file is the
+same when its content is (size and SHA-256), whatever its name.
 """
 from __future__ import annotations
 
@@ -19,7 +20,9 @@ from pathlib import Path
 from typing import Any
 
 from rag_models.atomic import atomic_write_text
+from rag_models.cli_errors import at_least
 from rag_models.errors import InputError
+from rag_models.file_manifest import content_fingerprint
 from training.evaluation.paired_stats import bootstrap_interval, mcnemar_exact
 
 ROWS = ("exact_match", "f1", "recall@1", "recall@5", "recall@20", "recall@100", "exact_match_stale",
@@ -37,18 +40,41 @@ def read_run(directory: Path) -> dict[str, Any]:
             "records": records}
 
 
-def check_same_questions(runs: list[dict[str, Any]]) -> None:
-    """Refuse runs over different question files, or over different questions of one file (limit)."""
-    first = runs[0]
+def _fingerprint(questions: object) -> tuple[int, str] | None:
+    """(size, SHA-256) of the question file a run names, or None when it is not a file here (a hub name, moved)."""
+    path = Path(str(questions))
+    if questions is None or not path.is_file():
+        return None
+    found = content_fingerprint(path)
+    return found["size"], found["sha256"]
+
+
+def check_same_questions(runs: list[dict[str, Any]]) -> list[str]:
+    """Refuse runs over different question files, or over different questions of one file (limit, or the file
+    edited in between); returns notes on equal content (size and SHA-256) stored under another name."""
+    first, notes = runs[0], []
+    asked = first["metrics"].get("questions")
     for run in runs[1:]:
-        if run["metrics"].get("questions") != first["metrics"].get("questions"):
-            raise InputError(f"{run['dir']} answered {run['metrics'].get('questions')}, but {first['dir']} answered "
-                             f"{first['metrics'].get('questions')}", setting="DIR",
-                             fix="Compare runs over the same question file")
-        if [r["question"] for r in run["records"]] != [r["question"] for r in first["records"]]:
-            raise InputError(f"{run['dir']} and {first['dir']} answered different questions of "
-                             f"{first['metrics'].get('questions')} ({len(run['records'])} vs {len(first['records'])})",
+        other = run["metrics"].get("questions")
+        if other != asked:
+            same = _fingerprint(asked)
+            if same is None or same != _fingerprint(other):
+                raise InputError(f"{run['dir']} answered {other}, but {first['dir']} answered {asked}"
+                                 f"{'' if same is None else ' (another content)'}", setting="DIR",
+                                 fix="Compare runs over the same question file")
+            notes.append(f"{other} ({run['dir']}) has the content of {asked} (same size and SHA-256)")
+        mine, theirs = [r["question"] for r in run["records"]], [r["question"] for r in first["records"]]
+        if mine == theirs:
+            continue
+        shorter = min(len(mine), len(theirs))
+        if mine[:shorter] == theirs[:shorter]:
+            raise InputError(f"{run['dir']} and {first['dir']} answered different questions of {asked} "
+                             f"({len(run['records'])} vs {len(first['records'])})",
                              setting="DIR", fix="Compare runs with the same limit")
+        raise InputError(f"the question files differ: {run['dir']} and {first['dir']} answered other questions "
+                         f"under {asked if other == asked else f'{other} and {asked}'} (a file edited between "
+                         "the runs?)", setting="DIR", fix="Rerun both on one version of the question file")
+    return notes
 
 
 def _names(runs: list[dict[str, Any]]) -> list[str]:
@@ -61,8 +87,14 @@ def compare(directories: list[Path], *, seed: int = 0) -> dict[str, Any]:
     """The comparison record of ``directories`` (at least two): metrics, EM intervals, pairwise differences."""
     if len(directories) < 2:
         raise InputError("needs at least two runs", setting="DIR", fix="Pass two or more rag-eval directories")
+    seen: dict[Path, Path] = {}
+    for directory in map(Path, directories):
+        if directory.resolve() in seen:
+            raise InputError(f"{directory} is given twice (also as {seen[directory.resolve()]})", setting="DIR",
+                             fix="Pass each rag-eval directory once")
+        seen[directory.resolve()] = directory
     runs = [read_run(Path(d)) for d in directories]
-    check_same_questions(runs)
+    notes = check_same_questions(runs)
     names = _names(runs)
     table = {}
     for name, run in zip(names, runs):
@@ -83,7 +115,7 @@ def compare(directories: list[Path], *, seed: int = 0) -> dict[str, Any]:
                       "only_a_right": only_a, "only_b_right": only_b})
     return {"runs": dict(zip(names, [run["dir"] for run in runs])), "questions": runs[0]["metrics"].get("questions"),
             "num_questions": len(runs[0]["records"]), "bootstrap": {"samples": 2000, "seed": seed, "level": 0.95},
-            "metrics": table, "pairs": pairs}
+            "metrics": table, "pairs": pairs, "notes": notes}
 
 
 def _cell(value: Any) -> str:
@@ -94,6 +126,7 @@ def render_markdown(result: dict[str, Any], show: int = 20) -> str:
     """compare.md: the metrics table, then per pair the test and up to ``show`` questions each way."""
     names = list(result["metrics"])
     lines = ["# Comparison", "", f"{result['num_questions']} questions of `{result['questions']}`", "",
+             *(f"- note: {note}" for note in result.get("notes", ())), *([""] if result.get("notes") else []),
              "| metric | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
     for key in ROWS:
         if any(result["metrics"][n][key] is not None for n in names):
@@ -133,14 +166,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("dirs", nargs="+", type=Path, help="rag-eval output directories (same question file)")
     parser.add_argument("--out", type=Path, default=None, help="where compare.md/json go (default: DIR1/../compare)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the bootstrap resampling (default: 0)")
-    parser.add_argument("--show", type=int, default=20, help="questions listed each way in compare.md (all in .json)")
+    parser.add_argument("--show", type=at_least(0), default=20,
+                        help="questions listed each way in compare.md (all in .json)")
     args = parser.parse_args(argv)
+    out = args.out or args.dirs[0].resolve().parent / "compare"
     try:
+        if out.exists() and not out.is_dir():
+            raise InputError("--out is an existing file, not a directory", path=out,
+                             fix="Pass a directory (new or existing) for compare.md and compare.json")
         result = compare(args.dirs, seed=args.seed)
     except InputError as err:
         print(f"rag-compare: error: {err}", file=sys.stderr)
         return 2
-    out = args.out or args.dirs[0].resolve().parent / "compare"
     text = write_comparison(out, result, args.show)
     print(text)
     print(f"wrote {out / 'compare.md'}, {out / 'compare.json'}")

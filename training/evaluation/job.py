@@ -1,6 +1,7 @@
 """What one `rag-eval` run evaluates: the typed job composed from configs/eval.yaml, checked before any model loads."""
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -8,6 +9,7 @@ from typing import Any
 import torch
 from omegaconf import DictConfig
 
+from decoding.abstain import transfer_warning
 from decoding.answer import DecodingSettings
 from index.settings import IndexSettings
 from rag_models.checkpoint import MODES, saved_mode
@@ -161,13 +163,21 @@ def check_job(job: EvalJob) -> None:
 
 
 def check_abstention(job: EvalJob) -> None:
-    """Refuse abstention settings that cannot apply: closed-book answers, an unreadable threshold, both ways."""
+    """Refuse abstention settings that cannot apply: closed-book answers, an unreadable or non-finite threshold,
+    both ways, ``abstain_on`` alone. Warns (stderr) when a threshold file was chosen with another checkpoint or
+    decoder (`decoding.abstain.transfer_warning`)."""
     if job.abstain_below is None and job.abstain_coverage is None:
+        check_settings(None, job.abstain_on, None)  # abstain_on alone is refused
         return
     if job.mode == "closed_book":
         raise InputError("closed-book answers carry no confidence to abstain on", setting="abstain_below",
                          fix="Drop abstain_below / abstain_coverage, or evaluate in rag mode")
     check_settings(job.abstain_below, job.abstain_on, job.abstain_coverage)
+    if job.abstain_below is not None:
+        decoder = {"strategy": job.decoding.strategy, "n_docs": job.n_docs}  # None: the checkpoint's, not known yet
+        warning = transfer_warning(job.abstain_below, job.checkpoint, decoder)
+        if warning:
+            print(f"rag-eval: warning: {warning}", file=sys.stderr)
 
 
 def load_examples(job: EvalJob) -> list[QAExample]:

@@ -19,7 +19,7 @@ import math
 from collections.abc import Sequence
 from typing import Any
 
-from decoding.abstain import read_threshold
+from decoding.abstain import CONFIDENCES, read_threshold
 from rag_models.errors import InputError
 
 
@@ -65,14 +65,21 @@ def threshold_for_coverage(records: Sequence[dict[str, Any]], coverage: float, o
 
 
 def check_settings(below: float | str | None, on: str | None, coverage: float | None) -> None:
-    """Refuse abstention settings before any model loads: both ways at once, a bad coverage, ``on`` or file."""
+    """Refuse abstention settings before any model loads: both ways at once, a bad coverage, ``on`` or file,
+    a non-finite threshold or a posterior one outside [0, 1], and ``on`` alone (it would do nothing)."""
+    if on is not None and below is None and coverage is None:
+        raise InputError(f"abstain_on={on} is given without a threshold", setting="abstain_on",
+                         fix="Add abstain_below=X or abstain_coverage=C, or drop abstain_on")
     if below is not None and coverage is not None:
         raise InputError("abstain_below and abstain_coverage are both given", setting="abstain_coverage",
                          fix="Choose a threshold (abstain_coverage) or use one (abstain_below), not both")
     if coverage is not None and not 0 < float(coverage) <= 1:
         raise InputError(f"abstain_coverage={coverage} is not in (0, 1]", setting="abstain_coverage",
                          fix="Give the fraction of questions to answer, e.g. abstain_coverage=0.8")
-    read_threshold(0.0 if below is None else below, on)
+    if below is not None:
+        read_threshold(below, on)
+    elif on is not None and on not in CONFIDENCES:
+        read_threshold(0.0, on)  # refuses the unknown ``on``
 
 
 def abstention(records: list[dict[str, Any]], *, below: float | str | None, on: str | None,
@@ -112,8 +119,10 @@ def abstention(records: list[dict[str, Any]], *, below: float | str | None, on: 
 
 
 def threshold_record(metrics: dict[str, Any], target: float) -> dict[str, Any]:
-    """What threshold.json holds: the threshold, its confidence, the coverage asked for and reached, where from."""
+    """What threshold.json holds: the threshold, its confidence, the coverage asked for and reached, where from
+    (questions, checkpoint, decoder: rag-eval and rag-ask warn when they use it with another)."""
     return {"threshold": metrics["abstain_below"], "abstain_on": metrics["abstain_on"], "target_coverage": target,
             "coverage": metrics["coverage"], "exact_match_answered": metrics["exact_match_answered"],
             "questions": metrics.get("questions"), "checkpoint": metrics.get("checkpoint"),
-            "num_total": metrics.get("num_total")}
+            "num_total": metrics.get("num_total"), "strategy": metrics.get("strategy"),
+            "decoding_summary": metrics.get("decoding_summary"), "n_docs": metrics.get("n_docs")}
