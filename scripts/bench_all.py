@@ -75,15 +75,20 @@ def _number(value: object) -> str:
 def table(results: list[dict], markdown: bool) -> str:
     """One line per row of every result (ours, peer, ratio, target, met), then each script's command."""
     head = ["measure", "ours", "peer", "unit", "peer is", "ratio", "target", "met"]
-    lines = []
+    lines, alone = [], 0
     for result in results:
         if result.get("error"):
             lines.append([f"{result['script']}: no JSON ({result['error']})", "", "", "", "", "", "", ""])
         for row in result.get("rows", []):
+            if row.get("peer") is None and row.get("target") is None:  # a measurement without a comparison
+                alone += 1
+                continue
             met = {True: "yes", False: "NO", None: ""}.get(row.get("met"), str(row.get("met")))
-            lines.append([row["measure"], _number(row["ours"]), _number(row["peer"]), row.get("unit", ""),
-                          row.get("peer_name", ""), _number(row.get("ratio")), _number(row.get("target")), met])
+            lines.append([row["measure"], _number(row["ours"]), _number(row["peer"]), _number(row.get("unit")),
+                          _number(row.get("peer_name")), _number(row.get("ratio")), _number(row.get("target")), met])
     commands = [f"{result['script']}: `{result['command']}`" for result in results]
+    if alone:
+        commands.append(f"({alone} measurements without a peer, e.g. bench_scale.py's stages: in summary.json)")
     if markdown:
         text = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
         text += ["| " + " | ".join(cell.replace("|", "/") for cell in line) + " |" for line in lines]
