@@ -99,8 +99,9 @@ def evaluate_sweep(job: EvalJob, values: Sequence[int]) -> dict[str, Any]:
 def write_summary(out_dir: Path, summary: dict[str, Any], *, figures: bool = True) -> None:
     """summary.md (a table of each value, the figure), then summary.json (written last: the sweep completed)."""
     lines = ["# n_docs sweep", "", f"- checkpoint: `{summary['checkpoint']}`", f"- questions: `{summary['questions']}`",
-             f"- index: `{summary['index_path']}`", f"- decoding: {summary['decoding_summary']} (one retrieval "
-             f"{summary['retrieval_depth']} deep, decoded at each n_docs)", ""]
+             f"- index: `{summary['index_path']}`",
+             f"- decoding at n_docs={max(summary['values'])}: {summary['decoding_summary']} (one retrieval "
+             f"{summary['retrieval_depth']} deep, decoded at each n_docs of the table)", ""]
     keys = [key for key in SUMMARY_KEYS if all(key in run for run in summary["runs"])]
     lines += ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
     for run in summary["runs"]:
