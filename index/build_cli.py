@@ -33,19 +33,21 @@ from index.dataset_import import import_dataset
 from index.documents import document_files, documents_fingerprint, iter_document_passages
 from index.encode import encode_corpus, load_shards, make_embed_fn, resolve_rank
 from index.manifest import IndexManifest, load_array, load_checked
-from index.passages import PassageStore, existing_store, source_fingerprint
+from index.passages import PassageStore, existing_store
 from rag_models.cli_errors import command, positive_int
 from rag_models.errors import InputError
+from rag_models.file_manifest import content_fingerprint
 from rag_models.leftovers import sweep_stale
 from rag_models.lifeline import tie_to_launcher
 
 
 def _passage_store(passages: Path, out: Path, progress: bool) -> PassageStore:
     """The store at ``out``, built from ``passages`` unless a store of that same file is already there."""
-    store = existing_store(out, source_fingerprint(passages),
+    fingerprint = content_fingerprint(passages)  # hashed once: for the reuse check and the new store's meta.json
+    store = existing_store(out, fingerprint,
                            refusal="holds a passage store built from another file ({source})",
                            fix="Use a new --out directory, or delete this one to rebuild it from the new passages")
-    return store if store is not None else PassageStore.build(passages, out, progress=progress)
+    return store if store is not None else PassageStore.build(passages, out, progress=progress, source=fingerprint)
 
 
 def _documents_store(documents: Sequence[str | Path], out: Path, progress: bool) -> PassageStore:

@@ -99,11 +99,6 @@ def existing_store(directory: Path, source: dict, *, refusal: str, fix: str) -> 
     raise InputError(refusal.format(source=store.meta.get("source")), path=directory, fix=fix)
 
 
-def source_fingerprint(path: Path) -> dict:
-    """Name, size and content hash of the source file: a store is reused only for the same content."""
-    return content_fingerprint(path)
-
-
 class PassageStore:
     """Memory-mapped passages: ``get(row)``, ``titles(rows)``, ``texts(rows)``, ``row_of(id)``.
 
@@ -167,11 +162,17 @@ class PassageStore:
         return cls(directory)
 
     @classmethod
-    def build(cls, source_path: str | Path, out_dir: str | Path, *, progress: bool = True) -> "PassageStore":
-        """Convert a DPR TSV / JSONL passage file into a store at ``out_dir`` (atomic, replaces an old one)."""
+    def build(cls, source_path: str | Path, out_dir: str | Path, *, progress: bool = True,
+              source: dict | None = None) -> "PassageStore":
+        """Convert a DPR TSV / JSONL passage file into a store at ``out_dir`` (atomic, replaces an old one).
+
+        ``source``: the file's `content_fingerprint` when the caller already has it (hashing 13 GB takes a
+        while); computed here when None.
+        """
         source_path = Path(source_path)
-        return cls.from_passages(iter_passages(source_path), out_dir, progress=progress,
-                                 source=source_fingerprint(source_path), where=source_path)
+        source = content_fingerprint(source_path) if source is None else source
+        return cls.from_passages(iter_passages(source_path), out_dir, progress=progress, source=source,
+                                 where=source_path)
 
     @classmethod
     def from_passages(cls, passages: Iterable[Passage], out_dir: str | Path, *, progress: bool = True,
