@@ -43,7 +43,7 @@ BLAS_MIN_QUERIES = 2
 _BLAS_LOCK = threading.Lock()  # faiss' threshold is one process-wide setting
 
 
-def _blas_search(index: faiss.Index, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+def blas_search(index: faiss.Index, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     """faiss' own search with its matrix-multiply path at every batch size: scores (B, k), ids (B, k)."""
     with _BLAS_LOCK:
         default = faiss.cvar.distance_compute_blas_threshold
@@ -174,7 +174,7 @@ class DenseIndex:
         if flat is None:
             return self.index.search(queries, k)  # (B, k), (B, k)
         if len(queries) >= BLAS_MIN_QUERIES:
-            return _blas_search(self.index, queries, k)  # (B, k), (B, k)
+            return blas_search(self.index, queries, k)  # (B, k), (B, k)
         scores, ids = chunked_topk(torch.from_numpy(queries), host_chunks(flat, DEFAULT_CHUNK), k)  # (B, k) each
         return scores.numpy(), ids.numpy()
 

@@ -17,10 +17,6 @@ latter is the steadier figure; on a GPU it is host time only).
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import platform
-import shlex
 import statistics
 import sys
 import time
@@ -46,6 +42,7 @@ from transformers.utils import logging as hf_logging  # noqa: E402
 
 from decoding.rag_sequence import rag_sequence_generate  # noqa: E402
 from decoding.rag_token import rag_token_generate  # noqa: E402
+from scripts.bench_contract import machine, write_rows  # noqa: E402
 
 # name -> BartConfig sizes; init_std 0.06 keeps a random tiny BART's outputs from collapsing
 SIZES: dict[str, dict[str, int | float]] = {
@@ -120,14 +117,6 @@ RATIOS = [
 ]
 
 
-def machine(device: str) -> str:
-    """One line: the CPU (cores, load) or the GPU the cases ran on."""
-    if device.startswith("cuda"):
-        return f"GPU {torch.cuda.get_device_name(device)}"
-    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
-    return f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores, load {load:.1f}"
-
-
 def contract_rows(results: dict[str, dict], size: str, k: int) -> list[dict]:
     """The benchmark-contract rows: median wall seconds, ratio peer/ours (ours/peer for thorough/fast)."""
     rows = []
@@ -142,17 +131,6 @@ def contract_rows(results: dict[str, dict], size: str, k: int) -> list[dict]:
                      "target": None if target is None else (f"<= {target}x" if against_fast else f">= {target}x"),
                      "met": met})
     return rows
-
-
-def write_json(path: str, rows: list[dict], device: str) -> None:
-    """The benchmark contract's JSON (script, command, machine, rows), written whole or not at all."""
-    payload = {"script": "scripts/bench_decoding.py", "command": shlex.join(["python", *sys.argv]),
-               "machine": machine(device), "rows": rows}
-    out = Path(path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp")
-    tmp.write_text(json.dumps(payload, indent=2) + "\n", encoding="utf-8")
-    os.replace(tmp, out)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -205,8 +183,7 @@ def main(argv: list[str] | None = None) -> None:
     same_token = torch.equal(results["rag-token beam / ours"]["out"], results["rag-token beam / transformers"]["out"])
     same_seq = torch.equal(results["rag-seq thorough / ours"]["out"], results["rag-seq thorough / transformers"]["out"])
     print(f"identical token ids: rag-token beam {same_token}, rag-seq thorough {same_seq}")
-    if args.json:
-        write_json(args.json, contract_rows(results, args.size, k), args.device)
+    write_rows(args, contract_rows(results, args.size, k), machine())
 
 
 if __name__ == "__main__":

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import sys
 import time
 from collections.abc import Callable
@@ -30,6 +29,7 @@ from transformers import DPRConfig, DPRContextEncoder  # noqa: E402
 from index.encode import make_embed_fn  # noqa: E402
 from rag_models.retriever import DenseEncoder  # noqa: E402
 from rag_models.tokenization import dpr_tokenizers, train_wordpiece_vocab  # noqa: E402
+from scripts.bench_contract import machine, write_rows  # noqa: E402
 
 # encoder sizes, passages encoded per timing, passages per forward pass
 SIZES = {"tiny": dict(hidden=32, layers=2, heads=2, ffn=64, passages=256, batch=64),
@@ -95,22 +95,14 @@ def main(argv: list[str] | None = None) -> None:
             else:
                 assert np.allclose(ours_vectors, vectors, atol=1e-2 if fp16 else 1e-4), "different vectors"
     rates = {name: size["passages"] / seconds for name, seconds in best.items()}
-    machine = (torch.cuda.get_device_name(device) if device.type == "cuda"
-               else f"{platform.machine()} CPU, {torch.get_num_threads()} threads")
     row = {"measure": f"passage encoding, DPR {size['hidden']}-d x {size['layers']} layers, "
                       f"{'fp16' if fp16 else 'fp32'}, batch {size['batch']}",
            "size": args.size, "ours": round(rates["ours"], 1), "peer": round(rates["peer"], 1),
            "peer_name": "transformers DPRContextEncoder", "unit": "passages/s",
            "ratio": round(rates["ours"] / rates["peer"], 3), "ratio_is": "ours/peer (rates)", "target": ">= 0.95x",
            "met": rates["ours"] >= 0.95 * rates["peer"]}
-    report = {"script": "scripts/bench_encode.py", "command": " ".join([Path(sys.executable).name, *sys.argv]),
-              "machine": machine, "rows": [row]}
-    print(json.dumps(report, indent=2))
-    if args.json is not None:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        tmp = args.json.with_name(args.json.name + ".tmp")
-        tmp.write_text(json.dumps(report, indent=2) + "\n")
-        tmp.replace(args.json)
+    print(json.dumps(row, indent=2))
+    write_rows(args, [row], machine())
 
 
 if __name__ == "__main__":

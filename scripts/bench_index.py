@@ -33,7 +33,7 @@ import torch
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))  # the checkout's packages, installed or not
 
-from index.faiss_index import DenseIndex  # noqa: E402
+from index.faiss_index import DenseIndex, blas_search  # noqa: E402
 from index.passage_files import Passage, write_passages_tsv  # noqa: E402
 from index.passages import PassageStore  # noqa: E402
 from index.torch_index import TorchIndex  # noqa: E402
@@ -239,16 +239,6 @@ EXACT_SIZES = {"tiny": 20_000, "mid": 200_000, "large": 1_000_000}  # rows of 76
 WITHIN = 1.2  # the default exact index: at most this much slower than the fastest exact method
 
 
-def faiss_blas_search(index: faiss.Index, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """faiss' own Flat search with its BLAS threshold at 1 (matrix multiply at every batch size)."""
-    default = faiss.cvar.distance_compute_blas_threshold
-    faiss.cvar.distance_compute_blas_threshold = 1
-    try:
-        return index.search(queries, k)
-    finally:
-        faiss.cvar.distance_compute_blas_threshold = default
-
-
 def torch_search(vectors: torch.Tensor, queries: np.ndarray, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """One matmul + top-k over all (N, D) vectors."""
     with torch.no_grad():
@@ -261,7 +251,7 @@ def bench_exact_batches(size: str, dim: int = 768, k: int = 100, repeats: int = 
     rng = np.random.default_rng(0)
     vectors = sample(rng, n, dim, "clustered")  # (N, D)
     ours = DenseIndex.build(vectors, factory="Flat", progress=False)  # what index=flat opens (the default)
-    peers = {"faiss Flat, BLAS threshold 1": lambda q: faiss_blas_search(ours.index, q, k),
+    peers = {"faiss Flat, BLAS threshold 1": lambda q: blas_search(ours.index, q, k),
              "torch matmul + top-k": functools.partial(torch_search, torch.from_numpy(vectors), k=k)}
     print(f"exact search, {n:,} x {dim}, k={k}: seconds per call (best of {repeats}, interleaved)")
     print(f"{'queries':>8}{'ours':>10}" + "".join(f"{name:>32}" for name in peers) + f"{'fastest/ours':>14}")

@@ -20,9 +20,7 @@ and the faiss file. The work directory is deleted at the end unless --keep.
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
 import re
 import resource
 import shutil
@@ -39,6 +37,7 @@ sys.path.insert(0, str(REPO_ROOT))
 
 from rag_models.tiny_models import TinyDprSize, tiny_dpr_encoder  # noqa: E402
 from rag_models.tokenization import dpr_tokenizers, train_wordpiece_vocab  # noqa: E402
+from scripts.bench_contract import machine, write_rows  # noqa: E402
 
 MB = 2**20
 SIZES = {"tiny": 20_000, "mid": 200_000, "large": 2_000_000}
@@ -234,15 +233,6 @@ def factory_rates(count: int, factories: list[str], train_sample: int, dim: int 
     return rows
 
 
-def _write_json(path: str | None, rows: list[dict]) -> None:
-    """The benchmark contract's JSON report at ``path`` (nothing when None)."""
-    if path:
-        report = {"script": "scripts/bench_scale.py", "command": " ".join([Path(sys.executable).name, *sys.argv]),
-                  "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, no GPU",
-                  "rows": rows}
-        Path(path).write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--size", choices=sorted(SIZES), default="tiny", help="N: tiny 20k, mid 200k, large 2M")
@@ -262,7 +252,7 @@ def main() -> None:
     if args.factory_rates:
         rows = factory_rates(args.factory_rates, ["Flat", "HNSW32", "IVF1024,PQ64", "IVF1024,PQ64x4fs"],
                              args.train_sample)
-        _write_json(args.json, rows)
+        write_rows(args, rows, machine())
         return
     n = args.n or SIZES[args.size]
     args.factory = args.factory or ("IVF256,PQ64x4fs" if n < 100_000 else "IVF1024,PQ64x4fs")
@@ -293,7 +283,7 @@ def main() -> None:
     print(f"\n{'measure':<34}{'value':>12}  unit   (N={n:,}, {args.factory}, D={ENCODER.projection_dim})")
     for row in rows:
         print(f"{row['measure']:<34}{row['ours']:>12,.1f}  {row['unit']}")
-    _write_json(args.json, rows)
+    write_rows(args, rows, machine())
     if not args.keep:
         shutil.rmtree(work, ignore_errors=True)
 

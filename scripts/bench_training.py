@@ -30,10 +30,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import os
-import platform
 import random
-import shlex
 import statistics
 import sys
 import time
@@ -62,6 +59,7 @@ from rag_models.generator import Generator  # noqa: E402
 from rag_models.rag import RagModel  # noqa: E402
 from rag_models.retriever import DenseEncoder  # noqa: E402
 from rag_models.tokenization import dpr_tokenizers, train_bart_tokenizer, train_wordpiece_vocab  # noqa: E402
+from scripts.bench_contract import machine, write_rows  # noqa: E402
 
 # size -> (BART: d_model, layers, heads, ffn, vocab), (DPR: hidden, layers, heads, ffn, vocab)
 SIZES = {
@@ -250,13 +248,6 @@ def throughput_rows(label: str, size: str, seconds: dict[str, float], flops: flo
     return rows
 
 
-def machine(device: torch.device) -> str:
-    if device.type == "cuda":
-        return f"GPU {torch.cuda.get_device_name(device)}"
-    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
-    return f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores, load {load:.1f}"
-
-
 def check_same_loss(ours: RagModel, theirs: torch.nn.Module, batch: dict, k: int, device: torch.device) -> float:
     """|our loss - theirs| in eval mode (no dropout) on one batch: the padding must not change the loss."""
     ours.eval(), theirs.eval()
@@ -327,14 +318,7 @@ def main(argv: list[str] | None = None) -> None:
     print(f"size={args.size} device={device} {precision} threads={args.threads}; question lengths: {source}; "
           f"our context lengths per batch (padded to the longest): {lengths} vs {MAX_COMBINED_LENGTH}; "
           f"medians of {args.runs} interleaved steps after 2 warm-ups")
-    if args.json:
-        payload = {"script": "scripts/bench_training.py", "command": shlex.join(["python", *sys.argv]),
-                   "machine": machine(device), "rows": rows}
-        out = Path(args.json)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = out.with_name(f".{out.name}.tmp")
-        tmp.write_text(json.dumps(payload, indent=2) + "\n", encoding="utf-8")
-        os.replace(tmp, out)
+    write_rows(args, rows, machine())
 
 
 if __name__ == "__main__":
