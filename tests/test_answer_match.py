@@ -16,7 +16,7 @@ import torch
 
 from conftest import SHARED_DIR
 from index.build_cli import build_index
-from rag_models.checkpoint import build_rag_model, save_rag_model
+from tiny_setup import save_untrained_rag
 from training.config import compose
 from training.evaluation import answer_match
 from training.evaluation.answer_match import answer_in_text, answer_ranks, answer_tokens, first_answer_rank
@@ -148,10 +148,7 @@ def test_field_case_01_through_build_index_and_rag_eval(tiny_setup, tmp_path: Pa
         pytest.skip("field case 01 not found at ../shared/cases/field-2026-11-30/ (absent in a user's clone)")
     index_root = build_index(CASE_01 / "passages.tsv", tiny_setup.models.context_encoder, tmp_path / "index",
                              factory="Flat", max_length=128, progress=False)
-    model = build_rag_model(question_encoder=str(tiny_setup.models.question_encoder),
-                            generator=str(tiny_setup.models.generator), n_docs=2, max_question_length=32,
-                            max_passage_length=128, max_source_length=128)
-    save_rag_model(model, tmp_path / "rag")
+    save_untrained_rag(tiny_setup.models, tmp_path / "rag", n_docs=2)
     out = tmp_path / "eval"
     metrics = evaluate(compose([f"checkpoint={tmp_path / 'rag'}", f"questions={CASE_01 / 'questions.jsonl'}",
                                 f"index.path={index_root.parent}", f"out_dir={out}", "progress=false"],

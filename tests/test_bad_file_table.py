@@ -23,9 +23,9 @@ from decoding.ask_cli import main as ask_main
 from index.build_cli import build_index
 from index.encode import encode_corpus, load_shards
 from index.passages import PassageStore
-from rag_models.checkpoint import build_rag_model, save_rag_model
 from rag_models.errors import InputError
 from rag_models.file_manifest import MANIFEST_NAME, MARKER_NAME
+from tiny_setup import save_untrained_rag
 from training.evaluation.eval_cli import main as eval_main
 from training.evaluation.score_cli import main as score_main
 from training.lit.checkpoint_io import atomic_torch_save, safe_torch_load
@@ -38,9 +38,7 @@ def originals(tiny_setup, tmp_path_factory) -> dict[str, Path]:
     """Undamaged originals: checkpoint, index root (index/ + passages/), questions, shards, .ckpt, eval output."""
     root = tmp_path_factory.mktemp("bad_files")
     models = tiny_setup.models
-    model = build_rag_model(question_encoder=str(models.question_encoder), generator=str(models.generator),
-                            n_docs=2, max_question_length=32, max_passage_length=128, max_source_length=128)
-    save_rag_model(model, root / "model")
+    save_untrained_rag(models, root / "model", n_docs=2)
     questions = root / "q.jsonl"
     questions.write_text("".join(tiny_setup.world.test.read_text().splitlines(keepends=True)[:2]))
     store = PassageStore.open(tiny_setup.index_dir / "passages")

@@ -24,9 +24,8 @@ import torch
 from decoding.ask_cli import main as ask_main
 from index.build_cli import main as build_index_main
 from index.dataset_export import main as export_index_main
-from rag_models.checkpoint import build_rag_model, save_rag_model
 from rag_models.convert_cli import export_main, import_main
-from tiny_setup import TinySetup, tiny_overrides
+from tiny_setup import TinySetup, save_untrained_rag, tiny_overrides
 from training.config import compose
 from training.demo.demo_cli import main as demo_main
 from training.demo.world_cli import main as world_main
@@ -217,10 +216,7 @@ def _resumable_checkpoint(setup: TinySetup, run_dir: Path) -> Path:
 @pytest.fixture(scope="session")
 def bad_input_run(tiny_setup: TinySetup, tmp_path_factory: pytest.TempPathFactory) -> BadInputRun:
     root = tmp_path_factory.mktemp("bad_input")
-    model = build_rag_model(question_encoder=str(tiny_setup.models.question_encoder),
-                            generator=str(tiny_setup.models.generator), n_docs=2, max_question_length=32,
-                            max_passage_length=128, max_source_length=128)
-    model_dir = save_rag_model(model, root / "model")
+    model_dir = save_untrained_rag(tiny_setup.models, root / "model", n_docs=2)
     settings = json.loads((model_dir / "rag_config.json").read_text())
     questions = root / "questions.jsonl"
     questions.write_text("".join(tiny_setup.world.test.read_text().splitlines(keepends=True)[:2]))

@@ -27,6 +27,7 @@ from index.documents import (
 )
 from index.retrieval import Retriever
 from rag_models.errors import InputError
+from tiny_setup import save_untrained_rag
 
 
 def _words(prefix: str, n: int) -> str:
@@ -228,12 +229,8 @@ def test_passages_and_documents_are_exclusive(capsys):
 
 
 def test_rag_ask_names_the_source_of_each_supporting_passage(tiny_setup, documents_index, tmp_path, capsys):
-    from rag_models.checkpoint import build_rag_model, save_rag_model
 
-    model = build_rag_model(question_encoder=str(tiny_setup.models.question_encoder),
-                            generator=str(tiny_setup.models.generator), n_docs=3, max_question_length=32,
-                            max_passage_length=128, max_source_length=128)
-    save_rag_model(model, tmp_path / "rag")
+    save_untrained_rag(tiny_setup.models, tmp_path / "rag", n_docs=3)
     assert ask_main(["--checkpoint", str(tmp_path / "rag"), "--index", str(documents_index), "--max-length", "4",
                      "--num-beams", "1", "--strategy", "greedy", "--top-docs", "2", "what is in the report?"]) == 0
     out = capsys.readouterr().out

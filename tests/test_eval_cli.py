@@ -8,10 +8,11 @@ from pathlib import Path
 import pytest
 
 from index.build_cli import build_index
-from rag_models.checkpoint import build_rag_model, load_rag_model, save_rag_model, saved_mode
+from rag_models.checkpoint import load_rag_model, save_rag_model, saved_mode
 from rag_models.errors import InputError
 from rag_models.retriever import DenseEncoder
 from rag_models.tiny_models import TinyDprSize, save_tiny_checkpoints
+from tiny_setup import save_untrained_rag
 from training.config import compose
 from training.evaluation.eval_cli import evaluate
 from training.evaluation.eval_cli import main as eval_main
@@ -31,9 +32,7 @@ def parts(tiny_setup, tmp_path_factory):
     """The session's tiny world and v1 index, a v2 index, and an (untrained) RagModel checkpoint."""
     root = tmp_path_factory.mktemp("eval")
     setup = tiny_setup
-    model = build_rag_model(question_encoder=str(setup.models.question_encoder), generator=str(setup.models.generator),
-                            n_docs=3, max_question_length=32, max_passage_length=128, max_source_length=128)
-    save_rag_model(model, root / "rag")
+    save_untrained_rag(setup.models, root / "rag", n_docs=3)
     v2 = build_index(setup.world.v2_passages, setup.models.context_encoder, root / "index_v2", factory="Flat",
                      max_length=128, progress=False)
     return {"root": root, "setup": setup, "checkpoint": root / "rag", "index": setup.index_dir,

@@ -12,8 +12,9 @@ import torch
 from decoding.abstain import transfer_warning
 from decoding.retrieve import retrieve
 from index.settings import IndexSettings
-from rag_models.checkpoint import build_rag_model, load_rag_model, save_rag_model
+from rag_models.checkpoint import load_rag_model
 from rag_models.errors import InputError
+from tiny_setup import save_untrained_rag
 from training.config import compose
 from training.evaluation import figures
 from training.evaluation.answer_match import answer_in_text, answer_spans, answer_tokens
@@ -29,9 +30,7 @@ def parts(tiny_setup, tmp_path_factory):
     """The session's tiny world and index, and an untrained RAG-Sequence checkpoint reading 3 docs."""
     root = tmp_path_factory.mktemp("views")
     setup = tiny_setup
-    model = build_rag_model(question_encoder=str(setup.models.question_encoder), generator=str(setup.models.generator),
-                            n_docs=3, max_question_length=32, max_passage_length=128, max_source_length=128)
-    save_rag_model(model, root / "rag")
+    save_untrained_rag(setup.models, root / "rag", n_docs=3)
     return {"root": root, "setup": setup, "checkpoint": root / "rag", "index": setup.index_dir}
 
 

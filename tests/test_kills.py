@@ -25,9 +25,8 @@ from kill_hooks.step_metric import StepMetric
 
 from index.faiss_index import DenseIndex
 from index.passages import PassageStore
-from rag_models.checkpoint import build_rag_model, save_rag_model
 from rag_models.leftovers import process_alive, stale_temporaries, sweep_stale
-from tiny_setup import TinySetup, tiny_overrides
+from tiny_setup import TinySetup, save_untrained_rag, tiny_overrides
 from training.config import compose
 from training.evaluation.eval_cli import evaluate
 from training.lit.checkpoint_io import AtomicCheckpointIO, safe_torch_load
@@ -263,10 +262,7 @@ def test_build_index_killed(tiny_setup: TinySetup, straight_build: Path, tmp_pat
 def eval_checkpoint(tiny_setup: TinySetup, tmp_path_factory) -> Path:
     """An (untrained) RagModel checkpoint over the tiny world."""
     root = tmp_path_factory.mktemp("kill_eval")
-    model = build_rag_model(question_encoder=str(tiny_setup.models.question_encoder),
-                            generator=str(tiny_setup.models.generator), n_docs=3, max_question_length=32,
-                            max_passage_length=128, max_source_length=128)
-    save_rag_model(model, root / "rag")
+    save_untrained_rag(tiny_setup.models, root / "rag", n_docs=3)
     return root / "rag"
 
 

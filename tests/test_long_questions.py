@@ -13,9 +13,8 @@ import pytest
 
 from decoding.ask_cli import main as ask_main
 from index.build_cli import build_index
-from rag_models.checkpoint import build_rag_model, save_rag_model
 from rag_models.errors import InputError
-from tiny_setup import TinySetup, tiny_overrides
+from tiny_setup import TinySetup, save_untrained_rag, tiny_overrides
 from training.config import compose
 from training.evaluation.eval_cli import evaluate
 from training.lit.train_cli import train
@@ -29,9 +28,7 @@ LONG_QUESTION = "which river flows through the town, " + " ".join(f"considering 
 def checkpoint(tiny_setup: TinySetup, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """An untrained tiny RagModel reading 2 docs of at most 128 generator tokens."""
     models = tiny_setup.models
-    model = build_rag_model(question_encoder=str(models.question_encoder), generator=str(models.generator),
-                            n_docs=2, max_question_length=32, max_passage_length=128, max_source_length=128)
-    return save_rag_model(model, tmp_path_factory.mktemp("long") / "rag")
+    return save_untrained_rag(models, tmp_path_factory.mktemp("long") / "rag", n_docs=2)
 
 
 def _write_jsonl(path: Path, rows: list[dict]) -> Path:

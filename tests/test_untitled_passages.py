@@ -18,7 +18,8 @@ from decoding.retrieve import embed_questions
 from index.build_cli import build_index
 from index.passage_files import Passage, write_passages_tsv
 from index.retrieval import Retriever
-from rag_models.checkpoint import build_rag_model, load_rag_model, save_rag_model
+from rag_models.checkpoint import load_rag_model
+from tiny_setup import save_untrained_rag
 from training.config import compose
 from training.evaluation.eval_cli import evaluate
 
@@ -36,10 +37,7 @@ def untitled(tiny_setup, tmp_path_factory) -> tuple[Path, Path]:
     write_passages_tsv(CORPUS, root / "psgs.tsv")
     index_root = build_index(root / "psgs.tsv", tiny_setup.models.context_encoder, root / "index", factory="Flat",
                              max_length=64, progress=False).parent
-    model = build_rag_model(question_encoder=str(tiny_setup.models.question_encoder),
-                            generator=str(tiny_setup.models.generator), n_docs=3, max_question_length=32,
-                            max_passage_length=64, max_source_length=128)
-    save_rag_model(model, root / "rag")
+    save_untrained_rag(tiny_setup.models, root / "rag", n_docs=3, max_passage_length=64)
     return index_root, root / "rag"
 
 

@@ -20,6 +20,7 @@ from pathlib import Path
 
 from index.build_cli import build_index
 from index.passage_files import iter_passages
+from rag_models.checkpoint import build_rag_model, save_rag_model
 from rag_models.tiny_models import CheckpointPaths, TinyBartSize, TinyDprSize, save_tiny_checkpoints
 from training.demo.world import WorldFiles, write_world
 
@@ -100,3 +101,13 @@ def tiny_dpr_overrides(setup: TinySetup, run_dir: str | Path) -> list[str]:
     """Like `tiny_overrides`, for the DPR pre-training experiments (DPR data of the tiny world)."""
     keep = [o for o in tiny_overrides(setup, run_dir) if not o.startswith(("data=", "++model."))]
     return keep + ["data=dpr_demo"]
+
+
+def save_untrained_rag(models: CheckpointPaths, directory: str | Path, *, n_docs: int,
+                       max_passage_length: int = 128) -> Path:
+    """An untrained RagModel of the tiny question encoder and generator, saved at ``directory`` (returned): the
+    checkpoint the evaluation, decoding and bad-input tests read (questions 32 tokens, generator inputs 128)."""
+    model = build_rag_model(question_encoder=str(models.question_encoder), generator=str(models.generator),
+                            n_docs=n_docs, max_question_length=32, max_passage_length=max_passage_length,
+                            max_source_length=128)
+    return save_rag_model(model, directory)
